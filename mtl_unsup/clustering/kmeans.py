@@ -1,0 +1,133 @@
+"""The DeepCluster recipe on a feature matrix: PCA-whiten, L2-normalise, FAISS k-means.
+
+The fitted transform and centroids form a :class:`ClusterState`, which can assign any new
+feature (held-out images, prediction) to the same clusters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+
+@dataclass
+class ClusterState:
+    """Pseudo-labels of the training set and everything needed to assign new features.
+
+    Attributes:
+        labels: cluster of each training image, by dataset index.
+        centroids: ``(k, d)`` centroids in the whitened, normalised space.
+        pca_mean: ``(D,)`` mean of the raw features.
+        pca_proj: ``(D, d)`` whitening projection (identity when PCA is off).
+        epoch: training epoch at which the clustering was computed.
+    """
+
+    labels: torch.Tensor
+    centroids: torch.Tensor
+    pca_mean: torch.Tensor
+    pca_proj: torch.Tensor
+    epoch: int = 0
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def transform(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.float().cpu() - self.pca_mean) @ self.pca_proj
+        return torch.nn.functional.normalize(x, dim=1)
+
+    def assign(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Nearest centroid of each feature row and the (Euclidean) distance to it."""
+        dist = torch.cdist(self.transform(features), self.centroids)
+        d, labels = dist.min(dim=1)
+        return labels, d
+
+    def state_dict(self) -> dict:
+        return {"labels": self.labels, "centroids": self.centroids, "pca_mean": self.pca_mean,
+                "pca_proj": self.pca_proj, "epoch": self.epoch}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> ClusterState:
+        return cls(**state)
+
+
+def fit_pca_whitening(
+    x: torch.Tensor, dim: int | None, eps: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and ``(D, d)`` projection onto the top ``d`` principal axes, scaled to unit variance.
+
+    ``d`` is cut to ``min(dim, D, n - 1)`` when there are too few points; ``dim`` of None or 0
+    skips PCA (identity projection, no whitening).
+    """
+    n, full = x.shape
+    x64 = x.double()
+    mean = x64.mean(dim=0)
+    if not dim:
+        return mean.float(), torch.eye(full)
+    d = max(1, min(dim, full, n - 1))
+    centred = x64 - mean
+    cov = centred.t() @ centred / max(n - 1, 1)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
+    proj = eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)
+    return mean.float(), proj.float()
+
+
+def run_kmeans(
+    x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """FAISS k-means; returns labels, centroids and the final objective (sum of squared dists)."""
+    n, d = x.shape
+    if not 2 <= k <= n:
+        raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {n} points")
+    data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=int(seed) % (2**31), verbose=False,
+                      min_points_per_centroid=1, max_points_per_centroid=max(256, n // k + 1))
+    km.train(data)
+    dist, labels = km.index.search(data, 1)
+    objective = float(dist.sum())
+    return torch.from_numpy(labels[:, 0].astype(np.int64)), torch.from_numpy(km.centroids.copy()), objective
+
+
+def fill_empty_clusters(
+    x: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give every empty cluster half of the largest cluster, split along its main axis.
+
+    The median split guarantees both halves are non-empty while the largest has >= 2 points,
+    which holds whenever ``k <= n``.
+    """
+    labels, centroids = labels.clone(), centroids.clone()
+    k = centroids.shape[0]
+    for empty in range(k):
+        counts = torch.bincount(labels, minlength=k)
+        if counts[empty] > 0:
+            continue
+        big = int(counts.argmax())
+        members = (labels == big).nonzero().squeeze(1)
+        pts = x[members].double()
+        centred = pts - pts.mean(dim=0)
+        axis = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+        proj = centred @ axis
+        order = proj.argsort()
+        moved = members[order[len(order) // 2 :]]
+        labels[moved] = empty
+        centroids[big] = x[labels == big].mean(dim=0)
+        centroids[empty] = x[moved].mean(dim=0)
+    return labels, centroids
+
+
+def cluster_features(
+    features: torch.Tensor, k: int, pca_dim: int | None = 128, niter: int = 20, nredo: int = 1,
+    seed: int = 0, epoch: int = 0,
+) -> ClusterState:
+    """PCA-whiten, L2-normalise and k-means ``features``; no cluster is left empty."""
+    features = features.float().cpu()
+    mean, proj = fit_pca_whitening(features, pca_dim)
+    x = torch.nn.functional.normalize((features - mean) @ proj, dim=1)
+    labels, centroids, _ = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed)
+    labels, centroids = fill_empty_clusters(x, labels, centroids)
+    return ClusterState(labels, centroids, mean, proj, epoch)

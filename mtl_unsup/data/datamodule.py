@@ -1,0 +1,227 @@
+"""LightningDataModule over folders of (unlabelled) images."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
+
+from mtl_unsup.data.dataset import ImageDataset
+from mtl_unsup.data.digits import write_digits_folder
+from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
+
+log = logging.getLogger(__name__)
+
+SPLIT_DIR_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
+BUILTINS = ("digits",)
+
+
+def _find_split_dir(root: Path, split: str) -> Path | None:
+    for name in SPLIT_DIR_NAMES[split]:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Cut ``range(n)`` into len(fractions)+1 random parts; the first takes what is left."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    sizes = [int(round(f * n)) for f in fractions]
+    parts, start = [], n - sum(sizes)
+    parts.append(sorted(order[:start]))
+    for size in sizes:
+        parts.append(sorted(order[start : start + size]))
+        start += size
+    return parts
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Reads train/val/test images from folders; labels, when present, are for evaluation only.
+
+    Splits come from ``val_root``/``test_root`` when given, from ``train``/``val``/``test``
+    subfolders of ``root`` when it has them, and otherwise from a seeded random split of ``root``.
+
+    Args:
+        root: folder of images (recursively), or the cache folder of a ``builtin`` data set.
+        builtin: ``digits`` writes scikit-learn's digits into ``root`` first.
+        labels: ``auto``, ``subfolders`` or ``none`` (see :func:`scan_folder`).
+        channels: 1 (greyscale) or 3 (RGB); every image is converted.
+        image_size: side of the square every image is resized to.
+        mean, std: per-channel normalisation (a single value is repeated).
+        augmentations: name -> list of torchvision v2 transforms, applied to uint8 image tensors
+            of ``image_size``; tasks ask for views by these names.
+        on_bad_image: ``skip`` (one warning listing the files), ``raise`` or ``ignore``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        builtin: str | None = None,
+        val_root: str | None = None,
+        test_root: str | None = None,
+        labels: str = "auto",
+        channels: int = 3,
+        image_size: int = 32,
+        mean: Sequence[float] | float = 0.5,
+        std: Sequence[float] | float = 0.5,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        on_bad_image: str = "skip",
+        augmentations: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        if builtin is not None and builtin not in BUILTINS:
+            raise DataError(f"data.builtin={builtin!r} is unknown; choose one of {BUILTINS}.")
+        if channels not in (1, 3):
+            raise DataError(f"data.channels={channels} must be 1 or 3.")
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1:
+            raise DataError("data.val_fraction and data.test_fraction must lie in [0, 1).")
+        if val_fraction + test_fraction >= 1:
+            raise DataError("data.val_fraction + data.test_fraction must be below 1.")
+        if image_size < 4:
+            raise DataError(f"data.image_size={image_size} is too small (at least 4).")
+        self.root, self.builtin = root, builtin
+        self.val_root, self.test_root = val_root, test_root
+        self.labels, self.channels, self.image_size = labels, channels, image_size
+        self.mean = self._per_channel(mean, "mean")
+        self.std = self._per_channel(std, "std")
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.on_bad_image = on_bad_image
+        self.augmentations = {k: list(v) for k, v in (augmentations or {}).items()}
+        self.view_counts: dict[str, int] = {}
+        self.splits: dict[str, ImageList] = {}
+
+    def _per_channel(self, value: Sequence[float] | float, key: str) -> list[float]:
+        values = [float(value)] * self.channels if isinstance(value, int | float) else list(value)
+        if len(values) != self.channels:
+            raise DataError(f"data.{key} has {len(values)} values for {self.channels} channel(s).")
+        return values
+
+    # ----------------------------------------------------------------- views asked for by tasks
+    def request_views(self, views: Mapping[str, int]) -> None:
+        """Make every training item carry ``count`` augmented views under each name."""
+        for name, count in views.items():
+            if name not in self.augmentations:
+                raise DataError(
+                    f"A task asks for the view {name!r} but data.augmentations has only "
+                    f"{sorted(self.augmentations)}. Add it there or change the task's views."
+                )
+            self.view_counts[name] = max(self.view_counts.get(name, 0), int(count))
+
+    def _finish(self) -> list[Any]:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+
+    def _resize(self) -> list[Any]:
+        return [v2.ToImage(), v2.Resize((self.image_size, self.image_size), antialias=True)]
+
+    def plain_transform(self) -> v2.Compose:
+        """Resize and normalise; what clustering, evaluation and prediction see."""
+        return v2.Compose(self._resize() + self._finish())
+
+    def view_transform(self, name: str) -> v2.Compose:
+        return v2.Compose(self._resize() + self.augmentations[name] + self._finish())
+
+    # ----------------------------------------------------------------------- splits and checks
+    def prepare_data(self) -> None:
+        if self.builtin == "digits":
+            write_digits_folder(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        root = Path(self.root).expanduser()
+        train_dir = _find_split_dir(root, "train") if root.is_dir() else None
+        val_dir = Path(self.val_root) if self.val_root else None
+        test_dir = Path(self.test_root) if self.test_root else None
+        if train_dir is not None:
+            val_dir = val_dir or _find_split_dir(root, "val")
+            test_dir = test_dir or _find_split_dir(root, "test")
+            log.info("Using split folders of %s: train=%s val=%s test=%s", root, train_dir,
+                     val_dir, test_dir)
+        train = scan_folder(train_dir or root, self.labels)
+        fractions = [0.0 if val_dir else self.val_fraction, 0.0 if test_dir else self.test_fraction]
+        train_idx, val_idx, test_idx = seeded_split(len(train), fractions, self.split_seed)
+        splits = {"train": train.subset(train_idx)}
+        for name, folder, idx in (("val", val_dir, val_idx), ("test", test_dir, test_idx)):
+            if folder is not None:
+                splits[name] = scan_folder(folder, self.labels, classes=train.classes)
+            elif idx:
+                splits[name] = train.subset(idx)
+        self.splits = {k: drop_bad_images(v, self.on_bad_image, k) for k, v in splits.items()}
+        log.info("Images: %s", {k: len(v) for k, v in self.splits.items()})
+
+    @property
+    def num_train(self) -> int:
+        return len(self.splits["train"])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.splits["train"].has_labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits["train"].classes)
+
+    def train_labels(self) -> torch.Tensor:
+        """Ground truth of the training set, for logging clustering quality only."""
+        return torch.tensor(self.splits["train"].labels, dtype=torch.long)
+
+    # ----------------------------------------------------------------------------- loaders
+    def _dataset(self, split: str, with_views: bool) -> ImageDataset:
+        views = {n: (self.view_transform(n), c) for n, c in self.view_counts.items()}
+        return ImageDataset(
+            self.splits[split], self.channels, self.plain_transform(),
+            views=views if with_views else None, with_plain=not with_views,
+        )
+
+    def _loader(self, dataset: ImageDataset, train: bool, sampler: Any = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train and self.drop_last and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.view_counts:
+            raise DataError("No task asked for a training view; compose at least one task.")
+        return self._loader(self._dataset("train", with_views=True), train=True)
+
+    def eval_splits(self) -> list[str]:
+        """Splits evaluated at test time: held-out test (if any), then train."""
+        return [s for s in ("test", "train") if s in self.splits]
+
+    def val_dataloader(self) -> list[DataLoader] | DataLoader:
+        if "val" not in self.splits:
+            return []
+        return self._loader(self._dataset("val", with_views=False), train=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [self._loader(self._dataset(s, with_views=False), train=False)
+                for s in self.eval_splits()]
+
+    def cluster_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
+        """Plain (no augmentation) pass over the training set, sharded across ranks."""
+        dataset = self._dataset("train", with_views=False)
+        sampler = None
+        if world_size > 1:
+            sampler = DistributedSampler(dataset, world_size, rank, shuffle=False)
+        return self._loader(dataset, train=False, sampler=sampler)

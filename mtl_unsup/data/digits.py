@@ -1,0 +1,46 @@
+"""scikit-learn's bundled digits written once as a real image folder (no download needed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NUM_DIGITS = 1797
+
+
+def write_digits_folder(root: str | Path) -> Path:
+    """Write the 1,797 8x8 digits as ``root/<class>/<index>.png``, unless already there.
+
+    The folder is built beside ``root`` and renamed into place, so a crash half way never leaves
+    a partial folder that later runs would trust.
+    """
+    from sklearn.datasets import load_digits
+
+    root = Path(root).expanduser()
+    if root.is_dir() and sum(1 for _ in root.glob("*/*.png")) == NUM_DIGITS:
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} exists but does not hold the {NUM_DIGITS} digit images. "
+            "It was not written by mtl-unsup: move it away or set paths.cache_dir elsewhere."
+        )
+    digits = load_digits()
+    pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=root.parent))
+    try:
+        for i, (img, target) in enumerate(zip(pixels, digits.target, strict=True)):
+            folder = tmp / str(int(target))
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(img, mode="L").save(folder / f"{i:04d}.png")
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

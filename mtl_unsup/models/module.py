@@ -1,0 +1,161 @@
+"""The LightningModule: a shared backbone, several task heads, one weighted loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mtl_unsup.clustering.kmeans import ClusterState
+from mtl_unsup.metrics import clustering_metrics
+from mtl_unsup.tasks.base import Task, TaskBatch
+
+
+class MultiTaskModule(L.LightningModule):
+    """Trains a backbone jointly on several tasks and evaluates its clusters.
+
+    Args:
+        backbone: module with a ``feature_dim`` attribute.
+        tasks: name -> :class:`Task`; each gets a head sized for the backbone.
+        num_clusters: k, the size of the clustering head and of k-means.
+        optimizer: partial optimizer taking the parameters.
+        scheduler: optional partial LR scheduler taking the optimizer (stepped every epoch).
+        num_classes: ground-truth classes for evaluation (0 when unlabelled).
+        eval_splits: names of the test dataloaders, in order.
+        config: the composed run config, stored in checkpoints for later tools.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tasks: Mapping[str, Task],
+        num_clusters: int,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        num_classes: int = 0,
+        eval_splits: tuple[str, ...] = ("test",),
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("The task list is empty: compose at least one task, e.g. task=[cluster].")
+        self.backbone = backbone
+        self.tasks = nn.ModuleDict(dict(tasks))
+        for task in self.tasks.values():
+            task.build(backbone.feature_dim, num_clusters)
+        self.num_clusters = num_clusters
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.eval_splits = tuple(eval_splits)
+        self.config = config or {}
+        self.cluster_state: ClusterState | None = None
+        splits = ("val", *self.eval_splits)
+        self.metrics = nn.ModuleDict({
+            f"{split}_{kind}": clustering_metrics(num_clusters, num_classes)
+            for split in splits for kind in ("head", "kmeans")
+        })
+
+    # ------------------------------------------------------------------------- clustering
+    @property
+    def cluster_task(self) -> Task | None:
+        return next((t for t in self.tasks.values() if t.needs_pseudo_labels), None)
+
+    def set_cluster_state(self, state: ClusterState, reset_head: bool = True) -> None:
+        """Adopt new pseudo-labels; with ``reset_head`` the clustering head starts afresh."""
+        self.cluster_state = state
+        task = self.cluster_task
+        if task is None:
+            return
+        task.set_pseudo_labels(state.labels)
+        if reset_head:
+            task.reset_head()
+            if self._trainer is not None:
+                head = set(task.head.parameters())
+                for optimizer in self.trainer.optimizers:
+                    for p in head:
+                        optimizer.state.pop(p, None)
+
+    # ------------------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        # Only views and indices go to the tasks: ground-truth labels never reach a loss.
+        task_batch = TaskBatch(batch["views"], batch["index"], self.backbone)
+        total = torch.zeros((), device=self.device)
+        bs = len(batch["index"])
+        for name, task in self.tasks.items():
+            if not task.active(self.current_epoch):
+                continue
+            loss = task.loss(task_batch)
+            self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs)
+            total = total + task.weight * loss
+        self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        return total
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------------- evaluation
+    def predict_clusters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backbone features, head logits (if a cluster task) and k-means assignment (if fitted)."""
+        features = self.backbone(x)
+        out = {"features": features}
+        task = self.cluster_task
+        if task is not None:
+            out["logits"] = task.logits(features)
+        if self.cluster_state is not None:
+            out["kmeans"], out["distance"] = self.cluster_state.assign(features)
+        return out
+
+    def _eval_step(self, batch: dict[str, Any], split: str) -> None:
+        labels = batch["label"]
+        keep = labels >= 0
+        if not keep.any():
+            return
+        out = self.predict_clusters(batch["image"])
+        if "logits" in out:
+            self.metrics[f"{split}_head"].update(out["logits"].argmax(1)[keep], labels[keep])
+        if "kmeans" in out:
+            self.metrics[f"{split}_kmeans"].update(out["kmeans"].to(labels.device)[keep], labels[keep])
+
+    def _eval_epoch_end(self, splits: tuple[str, ...]) -> None:
+        for split in splits:
+            for kind, prefix in (("head", ""), ("kmeans", "kmeans_")):
+                metric = self.metrics[f"{split}_{kind}"]
+                if not any(m.update_count for m in metric.values()):
+                    continue
+                values = metric.compute()
+                metric.reset()
+                for name, value in values.items():
+                    self.log(f"{split}/{prefix}{name}", value.float(), prog_bar=split == "val"
+                             and kind == "head" and name == "acc", sync_dist=False)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end(("val",))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, self.eval_splits[dataloader_idx])
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end(self.eval_splits)
+
+    # ------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cluster_state is not None:
+            checkpoint["cluster_state"] = self.cluster_state.state_dict()
+        checkpoint["mtl_config"] = self.config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "cluster_state" in checkpoint:
+            self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
+                                   reset_head=False)

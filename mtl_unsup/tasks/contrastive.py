@@ -1,0 +1,39 @@
+"""Contrastive views (SimCLR, Chen et al., 2020): two augmentations of an image attract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtl_unsup.tasks.base import Task, TaskBatch
+from mtl_unsup.tasks.losses import nt_xent
+
+
+class ContrastiveTask(Task):
+    """NT-Xent between two augmented views, through an MLP projector.
+
+    Args:
+        temperature: softmax temperature of NT-Xent.
+        proj_dim: output size of the projector.
+        hidden_dim: hidden size of the projector.
+    """
+
+    num_views = 2
+
+    def __init__(self, weight: float = 1.0, view: str = "strong", start_epoch: int = 0,
+                 temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512) -> None:
+        super().__init__(weight, view, start_epoch)
+        if temperature <= 0:
+            raise ValueError(f"task.contrastive.temperature must be > 0, got {temperature}")
+        self.temperature, self.proj_dim, self.hidden_dim = temperature, proj_dim, hidden_dim
+
+    def build(self, feature_dim: int, num_clusters: int) -> None:
+        self.projector = nn.Sequential(
+            nn.Linear(feature_dim, self.hidden_dim), nn.BatchNorm1d(self.hidden_dim),
+            nn.ReLU(inplace=True), nn.Linear(self.hidden_dim, self.proj_dim),
+        )
+
+    def loss(self, batch: TaskBatch) -> torch.Tensor:
+        z1 = self.projector(batch.features(self.view, 0))
+        z2 = self.projector(batch.features(self.view, 1))
+        return nt_xent(z1, z2, self.temperature)

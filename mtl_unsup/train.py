@@ -1,0 +1,129 @@
+"""The main job: compose the config, build data, model and callbacks, fit, test, write metrics.
+
+Run ``python -m mtl_unsup.train`` (digits, the default) or, for instance,
+``python -m mtl_unsup.train data=folder data.root=/path/to/images cluster.k=20``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from mtl_unsup.clustering.callback import PseudoLabelCallback
+from mtl_unsup.config import register_configs
+from mtl_unsup.data.images import DataError
+from mtl_unsup.models.module import MultiTaskModule
+
+log = logging.getLogger(__name__)
+register_configs()
+
+
+def build_tasks(cfg: DictConfig) -> dict[str, Any]:
+    if not cfg.task:
+        raise DataError("The task list is empty: compose at least one, e.g. task=[cluster,rotation].")
+    return {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
+
+
+def build_datamodule(cfg: DictConfig) -> Any:
+    """Instantiate the data module and read and check every image now, before any training."""
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    n = datamodule.num_train
+    if cfg.cluster.k > n:
+        raise DataError(
+            f"cluster.k={cfg.cluster.k} is larger than the {n} training images. "
+            "Lower cluster.k or add images."
+        )
+    return datamodule
+
+
+def build_callbacks(cfg: DictConfig, has_val_labels: bool) -> tuple[list[L.Callback], ModelCheckpoint]:
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    monitor = cfg.checkpoint.monitor if has_val_labels else None
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        monitor=monitor, mode=cfg.checkpoint.mode, save_last=True,
+        save_top_k=cfg.checkpoint.save_top_k if monitor else 0,
+        every_n_epochs=cfg.checkpoint.every_n_epochs,
+    )
+    pseudo = PseudoLabelCallback(
+        k=cfg.cluster.k, pca_dim=cfg.cluster.pca_dim, niter=cfg.cluster.niter,
+        nredo=cfg.cluster.nredo, every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed,
+    )
+    return [pseudo, checkpoint], checkpoint
+
+
+def flatten_results(results: list[dict[str, float]]) -> dict[str, float]:
+    merged: dict[str, float] = {}
+    for result in results:
+        for key, value in result.items():
+            merged[key.split("/dataloader_idx_")[0]] = float(value)
+    return dict(sorted(merged.items()))
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Rows per split; columns ACC/NMI/ARI of the clustering head and of k-means on features."""
+    cols = ["acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari"]
+    splits = [s for s in ("test", "train") if any(k.startswith(f"{s}/") for k in metrics)]
+    lines = ["| split | " + " | ".join(c.replace("_", " ").upper() for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for split in splits:
+        vals = [metrics.get(f"{split}/{c}") for c in cols]
+        lines.append(f"| {split} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test one model; returns the final metrics (also written to ``metrics.json``)."""
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.print_config:
+        rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    tasks = build_tasks(cfg)
+    for task in tasks.values():
+        datamodule.request_views(task.views())
+    backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
+    module = MultiTaskModule(
+        backbone, tasks, num_clusters=cfg.cluster.k, optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        num_classes=datamodule.num_classes, eval_splits=tuple(datamodule.eval_splits()),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    has_val_labels = datamodule.has_labels and "val" in datamodule.splits
+    callbacks, checkpoint = build_callbacks(cfg, has_val_labels)
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # The final clustering (refreshed at the end of fit) goes into last.ckpt with the final weights.
+    last_path = Path(checkpoint.dirpath) / "last.ckpt"
+    trainer.save_checkpoint(last_path)
+    metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
+    if trainer.is_global_zero:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(format_table(metrics))
+        print(f"run dir:    {out_dir}")
+        print(f"checkpoint: {last_path}" + (f" (best: {checkpoint.best_model_path})"
+                                            if checkpoint.best_model_path else ""))
+        print(f"metrics:    {out_dir / 'metrics.json'}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("test/acc")
+
+
+if __name__ == "__main__":
+    main()
