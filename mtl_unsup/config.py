@@ -8,7 +8,7 @@ checked by instantiating them before any training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -18,9 +18,9 @@ from omegaconf import MISSING
 class DataConfig:
     _target_: str = "mtl_unsup.data.ImageFolderDataModule"
     root: str = MISSING
-    builtin: Optional[str] = None
-    val_root: Optional[str] = None
-    test_root: Optional[str] = None
+    builtin: str | None = None
+    val_root: str | None = None
+    test_root: str | None = None
     labels: str = "auto"
     channels: int = 3
     image_size: int = 32
@@ -41,15 +41,15 @@ class DataConfig:
 @dataclass
 class ClusterConfig:
     k: int = 10
-    pca_dim: Optional[int] = 128
+    pca_dim: int | None = 32
     niter: int = 20
-    nredo: int = 1
+    nredo: int = 5
     every_n_epochs: int = 1
 
 
 @dataclass
 class CheckpointConfig:
-    monitor: Optional[str] = "val/acc"
+    monitor: str | None = "val/acc"
     mode: str = "max"
     save_top_k: int = 1
     every_n_epochs: int = 1
@@ -74,8 +74,34 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     print_config: bool = True
+
+
+class ConfigValueError(ValueError):
+    """A config value out of range, with a message naming the key and the fix."""
+
+
+def check_config(cfg: Any) -> None:
+    """Range checks the schema's types cannot express; run before any data is read."""
+    problems = []
+    if cfg.cluster.k < 2:
+        problems.append(f"cluster.k={cfg.cluster.k}: at least 2 clusters are needed.")
+    if cfg.cluster.every_n_epochs < 1:
+        problems.append(f"cluster.every_n_epochs={cfg.cluster.every_n_epochs}: must be >= 1.")
+    if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim < 0:
+        problems.append(f"cluster.pca_dim={cfg.cluster.pca_dim}: use a positive size, or null for no PCA.")
+    if cfg.cluster.niter < 1 or cfg.cluster.nredo < 1:
+        problems.append("cluster.niter and cluster.nredo must be >= 1.")
+    if not cfg.task:
+        problems.append("task is empty: compose at least one task, e.g. task=[cluster,contrastive].")
+    for name, task in (cfg.task or {}).items():
+        if task.get("weight", 1.0) < 0:
+            problems.append(f"task.{name}.weight={task.weight}: weights must be >= 0.")
+    if cfg.data.batch_size < 2:
+        problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (contrastive pairs, BatchNorm).")
+    if problems:
+        raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def register_configs() -> None:

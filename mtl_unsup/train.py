@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mtl_unsup.clustering.callback import PseudoLabelCallback
-from mtl_unsup.config import register_configs
+from mtl_unsup.config import check_config, register_configs
+from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.models.module import MultiTaskModule
 
@@ -28,8 +30,6 @@ register_configs()
 
 
 def build_tasks(cfg: DictConfig) -> dict[str, Any]:
-    if not cfg.task:
-        raise DataError("The task list is empty: compose at least one, e.g. task=[cluster,rotation].")
     return {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
 
 
@@ -47,9 +47,13 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return datamodule
 
 
-def build_callbacks(cfg: DictConfig, has_val_labels: bool) -> tuple[list[L.Callback], ModelCheckpoint]:
+def build_callbacks(
+    cfg: DictConfig, has_val_labels: bool, has_head: bool
+) -> tuple[list[L.Callback], ModelCheckpoint]:
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     monitor = cfg.checkpoint.monitor if has_val_labels else None
+    if monitor and not has_head:  # no clustering head: its metrics are those of k-means
+        monitor = monitor.replace("/", "/kmeans_", 1) if "kmeans" not in monitor else monitor
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
         monitor=monitor, mode=cfg.checkpoint.mode, save_last=True,
@@ -83,38 +87,55 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit and test one model; returns the final metrics (also written to ``metrics.json``)."""
-    out_dir = Path(cfg.paths.output_dir)
-    if cfg.print_config:
-        rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
+@dataclass
+class Run:
+    """Everything one training run is made of, built and checked before any training."""
+
+    datamodule: ImageFolderDataModule
+    module: MultiTaskModule
+    trainer: L.Trainer
+    checkpoint: ModelCheckpoint
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Instantiate data, model, callbacks and trainer from the composed config."""
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     tasks = build_tasks(cfg)
-    for task in tasks.values():
-        datamodule.request_views(task.views())
     backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
     module = MultiTaskModule(
         backbone, tasks, num_clusters=cfg.cluster.k, optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         num_classes=datamodule.num_classes, eval_splits=tuple(datamodule.eval_splits()),
+        augmentations=datamodule.augmentations, mean=datamodule.mean, std=datamodule.std,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     has_val_labels = datamodule.has_labels and "val" in datamodule.splits
-    callbacks, checkpoint = build_callbacks(cfg, has_val_labels)
+    callbacks, checkpoint = build_callbacks(cfg, has_val_labels, module.cluster_task is not None)
     logger = instantiate(cfg.logger) if cfg.logger else False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    return Run(datamodule, module, trainer, checkpoint)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test one model; returns the final metrics (also written to ``metrics.json``)."""
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.print_config:
+        rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
+    run = build_run(cfg)
+    trainer, module, datamodule = run.trainer, run.module, run.datamodule
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     # The final clustering (refreshed at the end of fit) goes into last.ckpt with the final weights.
-    last_path = Path(checkpoint.dirpath) / "last.ckpt"
+    last_path = Path(run.checkpoint.dirpath) / "last.ckpt"
     trainer.save_checkpoint(last_path)
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(format_table(metrics))
         print(f"run dir:    {out_dir}")
-        print(f"checkpoint: {last_path}" + (f" (best: {checkpoint.best_model_path})"
-                                            if checkpoint.best_model_path else ""))
+        best = run.checkpoint.best_model_path
+        print(f"checkpoint: {last_path}" + (f" (best by {run.checkpoint.monitor}: {best})" if best else ""))
         print(f"metrics:    {out_dir / 'metrics.json'}")
     return metrics
 

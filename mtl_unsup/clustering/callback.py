@@ -29,7 +29,7 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     try:
         with trainer.precision_plugin.forward_context():
             for batch in loader:
-                feats.append(module.backbone(batch["image"].to(module.device)).float())
+                feats.append(module.features(batch["image"].to(module.device)).float())
                 indices.append(batch["index"].to(module.device))
     finally:
         module.train(was_training)

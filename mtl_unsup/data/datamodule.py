@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
@@ -54,8 +55,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         channels: 1 (greyscale) or 3 (RGB); every image is converted.
         image_size: side of the square every image is resized to.
         mean, std: per-channel normalisation (a single value is repeated).
-        augmentations: name -> list of torchvision v2 transforms, applied to uint8 image tensors
-            of ``image_size``; tasks ask for views by these names.
+        augmentations: name -> list of batched augmentation modules (kornia), applied on the
+            training device to [0, 1] images before normalisation; tasks ask for views by name.
         on_bad_image: ``skip`` (one warning listing the files), ``raise`` or ``ignore``.
     """
 
@@ -101,8 +102,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.on_bad_image = on_bad_image
-        self.augmentations = {k: list(v) for k, v in (augmentations or {}).items()}
-        self.view_counts: dict[str, int] = {}
+        self.augmentations = {k: nn.Sequential(*v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
 
     def _per_channel(self, value: Sequence[float] | float, key: str) -> list[float]:
@@ -111,29 +111,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"data.{key} has {len(values)} values for {self.channels} channel(s).")
         return values
 
-    # ----------------------------------------------------------------- views asked for by tasks
-    def request_views(self, views: Mapping[str, int]) -> None:
-        """Make every training item carry ``count`` augmented views under each name."""
-        for name, count in views.items():
-            if name not in self.augmentations:
-                raise DataError(
-                    f"A task asks for the view {name!r} but data.augmentations has only "
-                    f"{sorted(self.augmentations)}. Add it there or change the task's views."
-                )
-            self.view_counts[name] = max(self.view_counts.get(name, 0), int(count))
-
-    def _finish(self) -> list[Any]:
-        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-
-    def _resize(self) -> list[Any]:
-        return [v2.ToImage(), v2.Resize((self.image_size, self.image_size), antialias=True)]
-
-    def plain_transform(self) -> v2.Compose:
-        """Resize and normalise; what clustering, evaluation and prediction see."""
-        return v2.Compose(self._resize() + self._finish())
-
-    def view_transform(self, name: str) -> v2.Compose:
-        return v2.Compose(self._resize() + self.augmentations[name] + self._finish())
+    def image_transform(self) -> v2.Compose:
+        """Decode to a ``channels x image_size x image_size`` float tensor in [0, 1]."""
+        return v2.Compose([
+            v2.ToImage(), v2.Resize((self.image_size, self.image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ])
 
     # ----------------------------------------------------------------------- splits and checks
     def prepare_data(self) -> None:
@@ -181,12 +164,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         return torch.tensor(self.splits["train"].labels, dtype=torch.long)
 
     # ----------------------------------------------------------------------------- loaders
-    def _dataset(self, split: str, with_views: bool) -> ImageDataset:
-        views = {n: (self.view_transform(n), c) for n, c in self.view_counts.items()}
-        return ImageDataset(
-            self.splits[split], self.channels, self.plain_transform(),
-            views=views if with_views else None, with_plain=not with_views,
-        )
+    def _dataset(self, split: str) -> ImageDataset:
+        return ImageDataset(self.splits[split], self.channels, self.image_transform())
 
     def _loader(self, dataset: ImageDataset, train: bool, sampler: Any = None) -> DataLoader:
         return DataLoader(
@@ -201,9 +180,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        if not self.view_counts:
-            raise DataError("No task asked for a training view; compose at least one task.")
-        return self._loader(self._dataset("train", with_views=True), train=True)
+        return self._loader(self._dataset("train"), train=True)
 
     def eval_splits(self) -> list[str]:
         """Splits evaluated at test time: held-out test (if any), then train."""
@@ -212,15 +189,15 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader] | DataLoader:
         if "val" not in self.splits:
             return []
-        return self._loader(self._dataset("val", with_views=False), train=False)
+        return self._loader(self._dataset("val"), train=False)
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._dataset(s, with_views=False), train=False)
+        return [self._loader(self._dataset(s), train=False)
                 for s in self.eval_splits()]
 
     def cluster_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
         """Plain (no augmentation) pass over the training set, sharded across ranks."""
-        dataset = self._dataset("train", with_views=False)
+        dataset = self._dataset("train")
         sampler = None
         if world_size > 1:
             sampler = DistributedSampler(dataset, world_size, rank, shuffle=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,42 +10,26 @@ from torch.utils.data import Dataset
 
 from mtl_unsup.data.images import ImageList, load_image
 
-Transform = Callable[[Any], torch.Tensor]
-
 
 class ImageDataset(Dataset):
-    """Items are ``{"index", "label", "image"?, "views"?}``.
+    """Items are ``{"index", "label", "image"}``.
 
-    ``image`` is the plain (resized, normalised, never augmented) tensor, used for clustering and
-    evaluation. ``views`` maps an augmentation name to a list of independently augmented tensors,
-    as many as the tasks asked for. ``label`` is -1 for unlabelled data and is never fed to a loss.
+    ``image`` is the decoded image resized to a fixed square, as floats in [0, 1]. Augmentation
+    and normalisation happen batched on the training device (see :class:`MultiTaskModule`), which
+    is far faster than per-image transforms in loader workers. ``label`` is -1 for unlabelled
+    data and is never fed to a loss.
     """
 
     def __init__(
-        self,
-        images: ImageList,
-        channels: int,
-        plain: Transform,
-        views: Mapping[str, tuple[Transform, int]] | None = None,
-        with_plain: bool = True,
+        self, images: ImageList, channels: int, transform: Callable[[Any], torch.Tensor]
     ) -> None:
         self.images = images
         self.channels = channels
-        self.plain = plain
-        self.views = dict(views or {})
-        self.with_plain = with_plain
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         img = load_image(self.images.paths[index], self.channels)
-        item: dict[str, Any] = {"index": index, "label": self.images.labels[index]}
-        if self.with_plain:
-            item["image"] = self.plain(img)
-        if self.views:
-            item["views"] = {
-                name: [transform(img) for _ in range(count)]
-                for name, (transform, count) in self.views.items()
-            }
-        return item
+        return {"index": index, "label": self.images.labels[index], "image": self.transform(img)}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -25,6 +25,8 @@ class MultiTaskModule(L.LightningModule):
         scheduler: optional partial LR scheduler taking the optimizer (stepped every epoch).
         num_classes: ground-truth classes for evaluation (0 when unlabelled).
         eval_splits: names of the test dataloaders, in order.
+        augmentations: name -> batched augmentation module; tasks ask for views by name.
+        mean, std: per-channel normalisation applied after augmentation (and to plain images).
         config: the composed run config, stored in checkpoints for later tools.
     """
 
@@ -37,6 +39,9 @@ class MultiTaskModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         num_classes: int = 0,
         eval_splits: tuple[str, ...] = ("test",),
+        augmentations: Mapping[str, nn.Module] | None = None,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
         config: dict | None = None,
     ) -> None:
         super().__init__()
@@ -44,6 +49,10 @@ class MultiTaskModule(L.LightningModule):
             raise ValueError("The task list is empty: compose at least one task, e.g. task=[cluster].")
         self.backbone = backbone
         self.tasks = nn.ModuleDict(dict(tasks))
+        self.augmentations = nn.ModuleDict(dict(augmentations or {}))
+        self.view_counts = self._view_counts()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         for task in self.tasks.values():
             task.build(backbone.feature_dim, num_clusters)
         self.num_clusters = num_clusters
@@ -56,6 +65,33 @@ class MultiTaskModule(L.LightningModule):
             f"{split}_{kind}": clustering_metrics(num_clusters, num_classes)
             for split in splits for kind in ("head", "kmeans")
         })
+
+    def _view_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, task in self.tasks.items():
+            for view, n in task.views().items():
+                if view not in self.augmentations:
+                    raise ValueError(
+                        f"task.{name}.view={view!r} is not in data.augmentations "
+                        f"({sorted(self.augmentations)}). Add it there or pick one of those."
+                    )
+                counts[view] = max(counts.get(view, 0), n)
+        return counts
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of plain [0, 1] images (normalised here)."""
+        return self.backbone(self.normalize(images))
+
+    @torch.no_grad()
+    def make_views(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """Independently augmented, normalised copies of the batch, as many as the tasks need."""
+        return {
+            name: [self.normalize(self.augmentations[name](images)) for _ in range(count)]
+            for name, count in self.view_counts.items()
+        }
 
     # ------------------------------------------------------------------------- clustering
     @property
@@ -70,7 +106,7 @@ class MultiTaskModule(L.LightningModule):
             return
         task.set_pseudo_labels(state.labels)
         if reset_head:
-            task.reset_head()
+            task.reset_head(state)
             if self._trainer is not None:
                 head = set(task.head.parameters())
                 for optimizer in self.trainer.optimizers:
@@ -79,11 +115,11 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------------- training
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        return self.features(x)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         # Only views and indices go to the tasks: ground-truth labels never reach a loss.
-        task_batch = TaskBatch(batch["views"], batch["index"], self.backbone)
+        task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone)
         total = torch.zeros((), device=self.device)
         bs = len(batch["index"])
         for name, task in self.tasks.items():
@@ -105,7 +141,7 @@ class MultiTaskModule(L.LightningModule):
     # ------------------------------------------------------------------------- evaluation
     def predict_clusters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Backbone features, head logits (if a cluster task) and k-means assignment (if fitted)."""
-        features = self.backbone(x)
+        features = self.features(x)
         out = {"features": features}
         task = self.cluster_task
         if task is not None:

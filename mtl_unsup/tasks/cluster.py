@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtl_unsup.clustering.kmeans import ClusterState
 from mtl_unsup.tasks.base import Task, TaskBatch
 from mtl_unsup.tasks.losses import balanced_class_weights
 
@@ -20,16 +21,27 @@ class ClusterTask(Task):
         balance: ``weights`` scales each cluster's loss by the inverse of its size (DeepCluster
             samples uniformly over clusters to the same end); ``none`` leaves it plain.
         label_smoothing: cross-entropy label smoothing.
+        head_init: how the head restarts after each re-clustering: ``centroids`` sets it to the
+            nearest-centroid classifier of the new k-means (mapped back through the whitening),
+            so it starts from the new labels even when the learning rate has decayed; ``random``
+            is DeepCluster's fresh random initialisation.
+        head_temperature: softmax temperature of the centroid-initialised head.
     """
 
     needs_pseudo_labels = True
 
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
-                 balance: str = "weights", label_smoothing: float = 0.0) -> None:
+                 balance: str = "weights", label_smoothing: float = 0.0,
+                 head_init: str = "centroids", head_temperature: float = 0.1) -> None:
         super().__init__(weight, view, start_epoch)
         if balance not in ("weights", "none"):
             raise ValueError(f"task.cluster.balance={balance!r} is not one of weights, none")
+        if head_init not in ("centroids", "random"):
+            raise ValueError(f"task.cluster.head_init={head_init!r} is not one of centroids, random")
+        if head_temperature <= 0:
+            raise ValueError(f"task.cluster.head_temperature={head_temperature} must be > 0")
         self.balance, self.label_smoothing = balance, label_smoothing
+        self.head_init, self.head_temperature = head_init, head_temperature
         self.pseudo_labels: torch.Tensor | None = None
         self.class_weights: torch.Tensor | None = None
 
@@ -44,8 +56,19 @@ class ClusterTask(Task):
             if self.balance == "weights" else None
         )
 
-    def reset_head(self) -> None:
-        self.head.reset_parameters()
+    @torch.no_grad()
+    def reset_head(self, state: ClusterState | None = None) -> None:
+        """Restart the head: randomly, or as the nearest-centroid classifier of ``state``."""
+        if state is None or self.head_init == "random":
+            self.head.reset_parameters()
+            return
+        # logits_c = <(f - mean) P, c_c> / (T * sqrt(d)): whitened features have norm ~ sqrt(d),
+        # and the L2 normalisation before k-means does not change which centroid scores highest.
+        centroids = state.centroids.to(self.head.weight)
+        proj, mean = state.pca_proj.to(centroids), state.pca_mean.to(centroids)
+        scale = 1.0 / (self.head_temperature * proj.shape[1] ** 0.5)
+        self.head.weight.copy_(centroids @ proj.t() * scale)
+        self.head.bias.copy_(-(mean @ proj) @ centroids.t() * scale)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)

@@ -1,0 +1,159 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtl_unsup.data import DataError, ImageFolderDataModule, load_image, scan_folder
+from mtl_unsup.data.datamodule import seeded_split
+from mtl_unsup.data.digits import NUM_DIGITS, write_digits_folder
+
+from .conftest import write_shapes
+
+
+def make_dm(root: Path, **kw) -> ImageFolderDataModule:
+    kw = {"channels": 1, "image_size": 16, "batch_size": 8, "eval_batch_size": 8, **kw}
+    dm = ImageFolderDataModule(root=str(root), **kw)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_class_subfolders_give_labels_and_flat_folders_none(tmp_path):
+    labelled = scan_folder(write_shapes(tmp_path / "a", per_class=3))
+    assert labelled.classes == ("class_0", "class_1", "class_2")
+    assert sorted(set(labelled.labels)) == [0, 1, 2] and len(labelled) == 9
+    flat = scan_folder(write_shapes(tmp_path / "b", per_class=3, labelled=False))
+    assert not flat.has_labels and set(flat.labels) == {-1}
+    assert not scan_folder(tmp_path / "a", labels="none").has_labels
+
+
+def test_missing_path_and_empty_folder_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist.*data\.root"):
+        scan_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=f"No images found in {tmp_path / 'empty'}"):
+        scan_folder(tmp_path / "empty")
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="No images found"):
+        scan_folder(tmp_path / "text")
+
+
+def write_bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"zero": folder / "zero.png", "text": folder / "text.jpg", "trunc": folder / "trunc.png"}
+    files["zero"].write_bytes(b"")
+    files["text"].write_text("this is not a JPEG")
+    good = folder / "tmp_good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(good)
+    data = good.read_bytes()
+    files["trunc"].write_bytes(data[: len(data) // 2])
+    good.unlink()
+    return files
+
+
+def test_bad_files_are_found_before_training_and_skipped_with_one_warning(tmp_path):
+    root = write_shapes(tmp_path / "data", per_class=10)
+    bad = write_bad_files(root / "class_0")
+    with pytest.warns(UserWarning, match="Skipping 3 unreadable") as record:
+        dm = make_dm(root, val_fraction=0.0, test_fraction=0.0)
+    message = str(record[0].message)
+    for path in bad.values():
+        assert str(path) in message
+    assert "0 bytes" in message and "not an image" in message and "truncated" in message
+    assert dm.num_train == 30
+    batch = next(iter(dm.train_dataloader()))  # nothing bad reaches a worker
+    assert batch["image"].shape == (8, 1, 16, 16)
+
+
+def test_bad_files_raise_when_asked(tmp_path):
+    root = write_shapes(tmp_path / "data", per_class=4)
+    write_bad_files(root / "class_1")
+    with pytest.raises(DataError, match="on_bad_image=skip"):
+        make_dm(root, on_bad_image="raise")
+
+
+@pytest.mark.parametrize(
+    ("mode", "make"),
+    [
+        ("L", lambda: Image.new("L", (10, 6), 128)),
+        ("RGBA", lambda: Image.new("RGBA", (10, 6), (255, 0, 0, 0))),
+        ("P", lambda: Image.new("RGB", (10, 6), (0, 255, 0)).convert("P")),
+        ("CMYK", lambda: Image.new("CMYK", (10, 6), (0, 0, 0, 255))),
+        ("I;16", lambda: Image.fromarray(np.linspace(0, 65535, 60).astype(np.uint16).reshape(6, 10))),
+    ],
+)
+def test_every_image_mode_decodes_to_the_requested_channels(tmp_path, mode, make):
+    path = tmp_path / f"img_{mode.replace(';', '')}.png" if mode != "CMYK" else tmp_path / "img.jpg"
+    make().save(path)
+    for channels, want in ((1, "L"), (3, "RGB")):
+        img = load_image(path, channels)
+        assert img.mode == want and img.size == (10, 6)
+    if mode == "RGBA":  # fully transparent pixels are composited on white
+        assert load_image(path, 3).getpixel((0, 0)) == (255, 255, 255)
+    if mode == "I;16":  # 16-bit range is rescaled, not clipped to white
+        arr = np.asarray(load_image(path, 1))
+        assert arr.min() == 0 and arr.max() == 255 and 50 < np.median(arr) < 200
+
+
+def test_split_subfolders_are_used_as_splits(tmp_path):
+    write_shapes(tmp_path / "set" / "train", per_class=5)
+    write_shapes(tmp_path / "set" / "test", per_class=2, seed=1)
+    dm = make_dm(tmp_path / "set", val_fraction=0.2)
+    # test comes from its folder; val, having none, is cut from train
+    assert len(dm.splits["test"]) == 6 and len(dm.splits["val"]) == 3 and dm.num_train == 12
+    assert dm.splits["train"].classes == ("class_0", "class_1", "class_2")
+    assert dm.eval_splits() == ["test", "train"]
+
+
+def test_seeded_split_is_disjoint_complete_and_reproducible():
+    parts = seeded_split(100, [0.1, 0.2], seed=3)
+    assert [len(p) for p in parts] == [70, 10, 20]
+    assert sorted(sum(parts, [])) == list(range(100))
+    assert parts == seeded_split(100, [0.1, 0.2], seed=3) != seeded_split(100, [0.1, 0.2], seed=4)
+
+
+def test_items_carry_their_index_and_plain_images(tmp_path):
+    dm = make_dm(write_shapes(tmp_path / "d", per_class=6), val_fraction=0.0, test_fraction=0.0)
+    loader = dm.cluster_dataloader()
+    batch = next(iter(loader))
+    assert torch.equal(batch["index"], torch.arange(8))
+    assert batch["image"].min() >= 0 and batch["image"].max() <= 1
+    ds = loader.dataset
+    assert torch.equal(ds[5]["image"], ds[5]["image"])  # no augmentation in the plain pass
+
+
+def test_symlink_loop_does_not_hang(tmp_path):
+    root = write_shapes(tmp_path / "loop", per_class=2)
+    os.symlink(root, root / "class_0" / "again")
+    assert len(scan_folder(root)) == 6
+
+
+def test_digits_folder_is_written_once(tmp_path):
+    root = write_digits_folder(tmp_path / "digits")
+    files = sorted(root.glob("*/*.png"))
+    assert len(files) == NUM_DIGITS and {p.parent.name for p in files} == {str(i) for i in range(10)}
+    stamp = files[0].stat().st_mtime_ns
+    write_digits_folder(root)
+    assert files[0].stat().st_mtime_ns == stamp
+    assert np.asarray(Image.open(files[0])).shape == (8, 8)
+
+
+def test_digits_never_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "digits").mkdir()
+    (tmp_path / "digits" / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not written by mtl-unsup"):
+        write_digits_folder(tmp_path / "digits")
+    assert (tmp_path / "digits" / "mine.txt").read_text() == "keep me"
+
+
+def test_bad_data_settings_are_named():
+    with pytest.raises(DataError, match="data.channels"):
+        ImageFolderDataModule(root="x", channels=2)
+    with pytest.raises(DataError, match="val_fraction"):
+        ImageFolderDataModule(root="x", val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(DataError, match="data.mean"):
+        ImageFolderDataModule(root="x", channels=3, mean=[0.5, 0.5])

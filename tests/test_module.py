@@ -1,0 +1,86 @@
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtl_unsup.data.images import ImageList
+from mtl_unsup.models.backbones import SmallCNN
+from mtl_unsup.models.module import MultiTaskModule
+from mtl_unsup.tasks import ClusterTask, ContrastiveTask, RotationTask, TaskBatch
+from mtl_unsup.train import build_run
+
+from .conftest import compose_cfg, tiny_folder_overrides
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def fit_losses(cfg, permute_labels: bool) -> list[float]:
+    run = build_run(cfg)
+    if permute_labels:
+        for name, split in run.datamodule.splits.items():
+            g = torch.Generator().manual_seed(1)
+            perm = torch.randperm(len(split), generator=g).tolist()
+            labels = tuple(split.labels[i] for i in perm)
+            run.datamodule.splits[name] = ImageList(split.paths, labels, split.classes)
+    recorder = LossRecorder()
+    run.trainer.callbacks.append(recorder)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return recorder.losses
+
+
+def test_ground_truth_labels_never_reach_a_loss(shapes_dir, tmp_path):
+    overrides = [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=3"]
+    plain = fit_losses(compose_cfg(tmp_path / "a", overrides), permute_labels=False)
+    permuted = fit_losses(compose_cfg(tmp_path / "b", overrides), permute_labels=True)
+    assert len(plain) > 5
+    assert plain == permuted
+
+
+def make_module(tasks, k=3):
+    aug = {"weak": torch.nn.Identity(), "strong": torch.nn.Identity()}
+    opt = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    return MultiTaskModule(SmallCNN(1, (4, 8)), tasks, k, opt, augmentations=aug)
+
+
+def test_cluster_loss_looks_pseudo_labels_up_by_dataset_index():
+    task = ClusterTask(balance="none")
+    module = make_module({"cluster": task})
+    task.set_pseudo_labels(torch.tensor([2, 0, 1, 1, 0, 2]))
+    x = torch.rand(3, 1, 8, 8)
+    index = torch.tensor([5, 1, 3])
+    batch = TaskBatch({"weak": [x]}, index, module.backbone)
+    expected = F.cross_entropy(task.head(module.backbone(x)), torch.tensor([2, 0, 1]))
+    assert torch.allclose(task.loss(batch), expected)
+
+
+def test_tasks_share_backbone_features_of_a_view():
+    calls = []
+    backbone = SmallCNN(1, (4,))
+    batch = TaskBatch({"strong": [torch.rand(2, 1, 8, 8)] * 2}, torch.arange(2),
+                      lambda x: calls.append(1) or backbone(x))
+    batch.features("strong", 0)
+    batch.features("strong", 0)
+    assert len(calls) == 1
+
+
+def test_each_task_contributes_its_weighted_loss():
+    tasks = {"rotation": RotationTask(weight=0.0), "contrastive": ContrastiveTask(weight=2.0)}
+    module = make_module(tasks)
+    assert module.view_counts == {"strong": 2}  # a zero-weight task still declares its view
+    assert not tasks["rotation"].active(0) and tasks["contrastive"].active(0)
+
+
+def test_a_task_asking_for_a_missing_view_is_named():
+    with pytest.raises(ValueError, match=r"task\.rotation\.view='colour'"):
+        make_module({"rotation": RotationTask(view="colour")})
+
+
+def test_an_empty_task_list_is_refused():
+    with pytest.raises(ValueError, match="task list is empty"):
+        make_module({})

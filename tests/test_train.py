@@ -1,0 +1,108 @@
+"""End to end through Hydra: the compose API, the real command line, sweeps and config errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from mtl_unsup.config import ConfigValueError
+from mtl_unsup.data.images import DataError
+from mtl_unsup.train import train
+
+from .conftest import compose_cfg, tiny_folder_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
+    metrics = train(compose_cfg(tmp_path, tiny_folder_overrides(shapes_dir)))
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == metrics
+    for split in ("test", "train"):
+        for name in ("acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari"):
+            assert 0 <= saved[f"{split}/{name}"] <= 1 or name.endswith("ari")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MTL_UNSUP_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "mtl_unsup.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_command_line_run_on_default_digits(tmp_path):
+    """The main job's path: built-in digits written once, Hydra run dir, table printed."""
+    run_dir = tmp_path / "run"
+    args = ["backbone.widths=[8,16]", "backbone.convs_per_stage=1", "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "print_config=false", f"hydra.run.dir={run_dir}"]
+    proc = run_cli(args, cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| test |" in proc.stdout and str(run_dir / "metrics.json") in proc.stdout
+    assert (tmp_path / "cache" / "digits" / "0").is_dir()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"test/acc", "test/nmi", "test/ari", "train/acc"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_multirun_gives_each_job_its_own_dir_and_metrics(shapes_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in tiny_folder_overrides(shapes_dir) if not o.startswith("cluster.k")]
+    args = ["-m", *overrides, "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "cluster.k=2,3", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli(args, cwd=tmp_path, cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job, k in zip(jobs, ("2", "3"), strict=True):
+        assert json.loads((job / "metrics.json").read_text())["test/acc"] >= 0
+        assert f"cluster.k={k}" in (job / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "names"),
+    [
+        ("cluster.kk=3", ConfigCompositionException, "cluster.kk"),
+        ("cluster.k=ten", ConfigCompositionException, "cluster.k"),
+        ("backbone=resnet1000", MissingConfigException, "resnet1000"),
+        ("task=[cluster,jigsaw]", MissingConfigException, "jigsaw"),
+    ],
+)
+def test_config_mistakes_fail_at_composition_naming_the_key(tmp_path, override, error, names):
+    with pytest.raises(error, match=names):
+        compose_cfg(tmp_path, [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("cluster.k=1", "cluster.k=1"),
+        ("task=[]", "task is empty"),
+        ("task.cluster.weight=-1", "task.cluster.weight=-1"),
+    ],
+)
+def test_bad_values_fail_before_any_data_is_read(tmp_path, override, names):
+    cfg = compose_cfg(tmp_path, ["data=folder", f"data.root={tmp_path / 'missing'}", override])
+    with pytest.raises(ConfigValueError, match=names):
+        train(cfg)
+
+
+def test_k_above_the_number_of_images_is_named(shapes_dir, tmp_path):
+    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "cluster.k=500"])
+    with pytest.raises(DataError, match="cluster.k=500 is larger than the 42 training images"):
+        train(cfg)
+
+
+def test_missing_data_root_is_named(tmp_path):
+    cfg = compose_cfg(tmp_path, ["data=folder", f"data.root={tmp_path / 'nowhere'}"])
+    with pytest.raises(DataError, match="nowhere does not exist"):
+        train(cfg)
+
+
