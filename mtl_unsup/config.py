@@ -44,7 +44,8 @@ class ClusterConfig:
     pca_dim: int | None = 32
     niter: int = 20
     nredo: int = 5
-    every_n_epochs: int = 1
+    every_n_epochs: int = 5
+    warm_start: bool = True
 
 
 @dataclass

@@ -63,6 +63,7 @@ def build_callbacks(
     pseudo = PseudoLabelCallback(
         k=cfg.cluster.k, pca_dim=cfg.cluster.pca_dim, niter=cfg.cluster.niter,
         nredo=cfg.cluster.nredo, every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed,
+        warm_start=cfg.cluster.warm_start,
     )
     return [pseudo, checkpoint], checkpoint
 

@@ -67,6 +67,7 @@ TINY = [
     "data.eval_batch_size=32",
     "cluster.k=3",
     "cluster.pca_dim=8",
+    "cluster.every_n_epochs=1",
     "print_config=false",
 ]
 

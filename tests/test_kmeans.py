@@ -65,3 +65,11 @@ def test_state_round_trips_through_a_dict():
 def test_k_larger_than_points_is_refused():
     with pytest.raises(ValueError, match="k"):
         cluster_features(torch.randn(3, 4), k=5, pca_dim=None)
+
+
+def test_warm_start_keeps_cluster_identities():
+    x, y = blobs(n_per=40, k=4, dim=8, seed=1)
+    first = cluster_features(x, k=4, pca_dim=None, seed=0)
+    moved = x + 0.05 * torch.randn_like(x)  # the features drift a little between refreshes
+    warm = cluster_features(moved, k=4, pca_dim=None, seed=123, init_labels=first.labels)
+    assert torch.equal(warm.labels, first.labels)

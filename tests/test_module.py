@@ -69,11 +69,12 @@ def test_tasks_share_backbone_features_of_a_view():
     assert len(calls) == 1
 
 
-def test_each_task_contributes_its_weighted_loss():
+def test_a_zero_weight_task_is_off_and_costs_no_augmentation():
     tasks = {"rotation": RotationTask(weight=0.0), "contrastive": ContrastiveTask(weight=2.0)}
     module = make_module(tasks)
-    assert module.view_counts == {"strong": 2}  # a zero-weight task still declares its view
+    assert module.view_counts == {"strong": 2}
     assert not tasks["rotation"].active(0) and tasks["contrastive"].active(0)
+    assert ContrastiveTask(start_epoch=3).active(3) and not ContrastiveTask(start_epoch=3).active(2)
 
 
 def test_a_task_asking_for_a_missing_view_is_named():

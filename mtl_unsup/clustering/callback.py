@@ -56,25 +56,31 @@ class PseudoLabelCallback(L.Callback):
         niter: k-means iterations; nredo: k-means restarts (the best objective is kept).
         every_n_epochs: re-cluster period.
         seed: k-means seed (offset by the epoch, so each refresh differs but reruns agree).
+        warm_start: start each k-means from the previous clusters' means (stable identities)
+            instead of random restarts; the first clustering always uses random restarts.
     """
 
     def __init__(self, k: int, pca_dim: int | None = 128, niter: int = 20, nredo: int = 1,
-                 every_n_epochs: int = 1, seed: int = 0) -> None:
+                 every_n_epochs: int = 1, seed: int = 0, warm_start: bool = True) -> None:
         if k < 2:
             raise ValueError(f"cluster.k={k}: at least 2 clusters are needed.")
         if every_n_epochs < 1:
             raise ValueError(f"cluster.every_n_epochs={every_n_epochs} must be >= 1.")
         self.k, self.pca_dim, self.niter, self.nredo = k, pca_dim, niter, nredo
-        self.every_n_epochs, self.seed = every_n_epochs, seed
+        self.every_n_epochs, self.seed, self.warm_start = every_n_epochs, seed, warm_start
 
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, reset_head: bool) -> dict:
         """Re-cluster now; returns statistics of the new assignment."""
         features = extract_features(trainer, module)
         epoch = trainer.current_epoch
         state = None
+        previous = module.cluster_state
+        init = None
+        if self.warm_start and previous is not None and len(previous.labels) == len(features):
+            init = previous.labels
         if trainer.is_global_zero:
             state = cluster_features(features, self.k, self.pca_dim, self.niter, self.nredo,
-                                     seed=self.seed + epoch, epoch=epoch)
+                                     seed=self.seed + epoch, epoch=epoch, init_labels=init)
         state = trainer.strategy.broadcast(state, src=0)
         stats = self._stats(trainer, module.cluster_state, state)
         module.set_cluster_state(state, reset_head=reset_head)

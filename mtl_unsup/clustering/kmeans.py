@@ -77,16 +77,24 @@ def fit_pca_whitening(
 
 
 def run_kmeans(
-    x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0
+    x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """FAISS k-means; returns labels, centroids and the final objective (sum of squared dists)."""
+    """FAISS k-means from ``init`` centroids or ``nredo`` random starts (the best is kept).
+
+    Returns labels, centroids and the final objective (sum of squared distances).
+    """
     n, d = x.shape
     if not 2 <= k <= n:
         raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {n} points")
     data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=int(seed) % (2**31), verbose=False,
+    km = faiss.Kmeans(d, k, niter=niter, nredo=1 if init is not None else nredo,
+                      seed=int(seed) % (2**31), verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, n // k + 1))
-    km.train(data)
+    if init is not None:
+        km.train(data, init_centroids=np.ascontiguousarray(init.cpu().numpy(), dtype=np.float32))
+    else:
+        km.train(data)
     dist, labels = km.index.search(data, 1)
     objective = float(dist.sum())
     return torch.from_numpy(labels[:, 0].astype(np.int64)), torch.from_numpy(km.centroids.copy()), objective
@@ -122,12 +130,22 @@ def fill_empty_clusters(
 
 def cluster_features(
     features: torch.Tensor, k: int, pca_dim: int | None = 128, niter: int = 20, nredo: int = 1,
-    seed: int = 0, epoch: int = 0,
+    seed: int = 0, epoch: int = 0, init_labels: torch.Tensor | None = None,
 ) -> ClusterState:
-    """PCA-whiten, L2-normalise and k-means ``features``; no cluster is left empty."""
+    """PCA-whiten, L2-normalise and k-means ``features``; no cluster is left empty.
+
+    With ``init_labels`` (the previous assignment) k-means starts from the means of those
+    clusters in the new feature space, so cluster identities carry over between refreshes and
+    a good partition is refined rather than re-drawn (as in Online Deep Clustering, Zhan et al.,
+    2020); otherwise it takes the best of ``nredo`` random starts.
+    """
     features = features.float().cpu()
     mean, proj = fit_pca_whitening(features, pca_dim)
     x = torch.nn.functional.normalize((features - mean) @ proj, dim=1)
-    labels, centroids, _ = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed)
+    init = None
+    if init_labels is not None and int(init_labels.max()) < k and init_labels.bincount().min() > 0:
+        counts = torch.bincount(init_labels, minlength=k).clamp(min=1).unsqueeze(1).float()
+        init = torch.zeros(k, x.shape[1]).index_add_(0, init_labels, x) / counts
+    labels, centroids, _ = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init)
     labels, centroids = fill_empty_clusters(x, labels, centroids)
     return ClusterState(labels, centroids, mean, proj, epoch)

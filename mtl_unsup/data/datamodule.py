@@ -30,6 +30,17 @@ def _find_split_dir(root: Path, split: str) -> Path | None:
     return None
 
 
+class GreyAsRGB(nn.Module):
+    """Runs an RGB augmentation (colour jitter, random greyscale) on 1-channel images."""
+
+    def __init__(self, augment: nn.Module) -> None:
+        super().__init__()
+        self.augment = augment
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.augment(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
+
+
 def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
     """Cut ``range(n)`` into len(fractions)+1 random parts; the first takes what is left."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -102,8 +113,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.on_bad_image = on_bad_image
-        self.augmentations = {k: nn.Sequential(*v) for k, v in (augmentations or {}).items()}
+        self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
+
+    def _augmenter(self, transforms: Sequence[nn.Module]) -> nn.Module:
+        seq = nn.Sequential(*transforms)
+        return seq if self.channels == 3 else GreyAsRGB(seq)
 
     def _per_channel(self, value: Sequence[float] | float, key: str) -> list[float]:
         values = [float(value)] * self.channels if isinstance(value, int | float) else list(value)

@@ -69,6 +69,8 @@ class MultiTaskModule(L.LightningModule):
     def _view_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for name, task in self.tasks.items():
+            if task.weight == 0:  # never active: its views would be augmented for nothing
+                continue
             for view, n in task.views().items():
                 if view not in self.augmentations:
                     raise ValueError(

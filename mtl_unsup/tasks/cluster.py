@@ -62,13 +62,15 @@ class ClusterTask(Task):
         if state is None or self.head_init == "random":
             self.head.reset_parameters()
             return
-        # logits_c = <(f - mean) P, c_c> / (T * sqrt(d)): whitened features have norm ~ sqrt(d),
-        # and the L2 normalisation before k-means does not change which centroid scores highest.
+        # k-means assigns z/|z| to the centroid maximising <z/|z|, c> - |c|^2 / 2, with
+        # z = (f - mean) P. Whitened features have |z| ~ sqrt(d), so the linear head
+        # (<z, c> / sqrt(d) - |c|^2 / 2) / T reproduces that assignment, at temperature T.
         centroids = state.centroids.to(self.head.weight)
         proj, mean = state.pca_proj.to(centroids), state.pca_mean.to(centroids)
         scale = 1.0 / (self.head_temperature * proj.shape[1] ** 0.5)
         self.head.weight.copy_(centroids @ proj.t() * scale)
-        self.head.bias.copy_(-(mean @ proj) @ centroids.t() * scale)
+        self.head.bias.copy_(-(mean @ proj) @ centroids.t() * scale
+                             - centroids.pow(2).sum(1) / (2 * self.head_temperature))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
