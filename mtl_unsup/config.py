@@ -100,7 +100,7 @@ def check_config(cfg: Any) -> None:
         if task.get("weight", 1.0) < 0:
             problems.append(f"task.{name}.weight={task.weight}: weights must be >= 0.")
     if cfg.data.batch_size < 2:
-        problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (contrastive pairs, BatchNorm).")
+        problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (pairs, BatchNorm).")
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
 
