@@ -24,6 +24,7 @@ from mtl_unsup.config import check_config, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.models.module import MultiTaskModule
+from mtl_unsup.runinfo import run_info
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -88,6 +89,12 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+@rank_zero_only
+def write_run_info(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+
+
 @dataclass
 class Run:
     """Everything one training run is made of, built and checked before any training."""
@@ -124,6 +131,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     if cfg.print_config:
         rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
+    write_run_info(out_dir)
     run = build_run(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -68,6 +68,7 @@ TINY = [
     "cluster.k=3",
     "cluster.pca_dim=8",
     "cluster.every_n_epochs=1",
+    "task.cluster.start_epoch=0",
     "print_config=false",
 ]
 

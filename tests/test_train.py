@@ -11,6 +11,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.data.images import DataError
+from mtl_unsup.report import report
 from mtl_unsup.train import train
 
 from .conftest import compose_cfg, tiny_folder_overrides
@@ -64,6 +65,10 @@ def test_multirun_gives_each_job_its_own_dir_and_metrics(shapes_dir, tmp_path):
     for job, k in zip(jobs, ("2", "3"), strict=True):
         assert json.loads((job / "metrics.json").read_text())["test/acc"] >= 0
         assert f"cluster.k={k}" in (job / ".hydra" / "overrides.yaml").read_text()
+        info = json.loads((job / "run_info.json").read_text())
+        assert info["libraries"]["torch"] and info["hardware"]["cpu_count"]
+    table = report(sweep)  # the sweep ends in a results table grouped by the swept key
+    assert "| cluster.k | runs |" in table and "| 2 | 1/1 |" in table and "| 3 | 1/1 |" in table
 
 
 @pytest.mark.parametrize(

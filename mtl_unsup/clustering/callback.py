@@ -56,8 +56,8 @@ class PseudoLabelCallback(L.Callback):
         niter: k-means iterations; nredo: k-means restarts (the best objective is kept).
         every_n_epochs: re-cluster period.
         seed: k-means seed (offset by the epoch, so each refresh differs but reruns agree).
-        warm_start: start each k-means from the previous clusters' means (stable identities)
-            instead of random restarts; the first clustering always uses random restarts.
+        warm_start: also start k-means from the previous clusters' means; the start with the
+            lowest objective wins (see :func:`cluster_features`).
     """
 
     def __init__(self, k: int, pca_dim: int | None = 128, niter: int = 20, nredo: int = 1,

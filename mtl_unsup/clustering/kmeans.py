@@ -134,18 +134,20 @@ def cluster_features(
 ) -> ClusterState:
     """PCA-whiten, L2-normalise and k-means ``features``; no cluster is left empty.
 
-    With ``init_labels`` (the previous assignment) k-means starts from the means of those
-    clusters in the new feature space, so cluster identities carry over between refreshes and
-    a good partition is refined rather than re-drawn (as in Online Deep Clustering, Zhan et al.,
-    2020); otherwise it takes the best of ``nredo`` random starts.
+    k-means takes the best of ``nredo`` random starts and, given ``init_labels`` (the previous
+    assignment), of one more start from those clusters' means in the new feature space. The
+    lowest objective wins, so a good partition is kept (with its cluster identities) unless the
+    new features clearly favour another.
     """
     features = features.float().cpu()
     mean, proj = fit_pca_whitening(features, pca_dim)
     x = torch.nn.functional.normalize((features - mean) @ proj, dim=1)
-    init = None
-    if init_labels is not None and int(init_labels.max()) < k and init_labels.bincount().min() > 0:
+    labels, centroids, objective = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed)
+    if init_labels is not None and len(init_labels) == len(x) and int(init_labels.max()) < k:
         counts = torch.bincount(init_labels, minlength=k).clamp(min=1).unsqueeze(1).float()
         init = torch.zeros(k, x.shape[1]).index_add_(0, init_labels, x) / counts
-    labels, centroids, _ = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed, init=init)
+        warm = run_kmeans(x, k, niter=niter, seed=seed, init=init)
+        if warm[2] <= objective:
+            labels, centroids, objective = warm
     labels, centroids = fill_empty_clusters(x, labels, centroids)
     return ClusterState(labels, centroids, mean, proj, epoch)
