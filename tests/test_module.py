@@ -85,3 +85,9 @@ def test_a_task_asking_for_a_missing_view_is_named():
 def test_an_empty_task_list_is_refused():
     with pytest.raises(ValueError, match="task list is empty"):
         make_module({})
+
+
+def test_a_step_with_no_active_task_is_skipped():
+    module = make_module({"cluster": ClusterTask(start_epoch=5)})
+    batch = {"image": torch.rand(4, 1, 8, 8), "index": torch.arange(4), "label": torch.zeros(4)}
+    assert module.training_step(batch, 0) is None

@@ -111,3 +111,25 @@ def test_missing_data_root_is_named(tmp_path):
         train(cfg)
 
 
+
+
+def test_same_seed_gives_identical_metrics(shapes_dir, tmp_path):
+    overrides = [*tiny_folder_overrides(shapes_dir), "trainer.deterministic=true", "seed=0"]
+    first = train(compose_cfg(tmp_path / "a", overrides))
+    second = train(compose_cfg(tmp_path / "b", overrides))
+    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+    other = train(compose_cfg(tmp_path / "c", [*overrides[:-1], "seed=1"]))
+    assert first == second and other != first
+
+
+def test_slurm_launcher_config_follows_the_trainer(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                          "trainer.num_nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2

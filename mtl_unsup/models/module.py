@@ -119,14 +119,15 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        active = {n: t for n, t in self.tasks.items() if t.active(self.current_epoch)}
+        if not active:  # e.g. only a cluster task still in its warm-up: nothing to learn yet
+            return None
         # Only views and indices go to the tasks: ground-truth labels never reach a loss.
         task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone)
         total = torch.zeros((), device=self.device)
         bs = len(batch["index"])
-        for name, task in self.tasks.items():
-            if not task.active(self.current_epoch):
-                continue
+        for name, task in active.items():
             loss = task.loss(task_batch)
             self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs)
             total = total + task.weight * loss

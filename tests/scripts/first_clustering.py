@@ -1,0 +1,43 @@
+"""Fit one epoch (DDP when devices > 1) and save each rank's first clustering.
+
+Usage: python first_clustering.py <out dir> <devices> <image folder>. Lightning's DDP launcher
+re-runs this script for the other ranks, which is why it is a script and not a test function.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mtl_unsup.train import build_run  # noqa: E402
+from tests.conftest import compose_cfg, tiny_folder_overrides  # noqa: E402
+
+
+class SaveFirstClustering(L.Callback):
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        if trainer.current_epoch == 0:
+            state = module.cluster_state.state_dict()
+            torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
+
+
+def main() -> None:
+    out, devices, root = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    overrides = [*tiny_folder_overrides(Path(root)), "trainer.max_epochs=1",
+                 "trainer.accelerator=cpu", f"trainer.devices={devices}",
+                 f"data.batch_size={16 // devices}", "data.eval_batch_size=8", "~logger"]
+    if devices > 1:
+        overrides += ["trainer.strategy=ddp"]
+    cfg = compose_cfg(out / f"run{devices}", overrides)
+    run = build_run(cfg)
+    run.trainer.callbacks.insert(1, SaveFirstClustering(out))  # right after the pseudo-labels
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+
+
+if __name__ == "__main__":
+    main()
