@@ -54,6 +54,7 @@ class CheckpointConfig:
     mode: str = "max"
     save_top_k: int = 1
     every_n_epochs: int = 1
+    every_n_train_steps: int = 25
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     ckpt_path: str | None = None
+    resume: bool = False
     print_config: bool = True
 
 
@@ -99,6 +101,8 @@ def check_config(cfg: Any) -> None:
     for name, task in (cfg.task or {}).items():
         if task.get("weight", 1.0) < 0:
             problems.append(f"task.{name}.weight={task.weight}: weights must be >= 0.")
+    if cfg.checkpoint.every_n_train_steps < 1:
+        problems.append(f"checkpoint.every_n_train_steps={cfg.checkpoint.every_n_train_steps}: must be >= 1.")
     if cfg.data.batch_size < 2:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (pairs, BatchNorm).")
     if problems:

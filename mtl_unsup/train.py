@@ -17,13 +17,14 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.config import check_config, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.models.module import MultiTaskModule
+from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def build_tasks(cfg: DictConfig) -> dict[str, Any]:
 def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the data module and read and check every image now, before any training."""
     datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.shuffle_seed = cfg.seed
     datamodule.prepare_data()
     datamodule.setup("fit")
     n = datamodule.num_train
@@ -51,22 +53,28 @@ def build_datamodule(cfg: DictConfig) -> Any:
 def build_callbacks(
     cfg: DictConfig, has_val_labels: bool, has_head: bool
 ) -> tuple[list[L.Callback], ModelCheckpoint]:
+    """Pseudo-labels, ``last.ckpt`` every few steps (for resuming), and the best checkpoint."""
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     monitor = cfg.checkpoint.monitor if has_val_labels else None
     if monitor and not has_head:  # no clustering head: its metrics are those of k-means
         monitor = monitor.replace("/", "/kmeans_", 1) if "kmeans" not in monitor else monitor
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-        monitor=monitor, mode=cfg.checkpoint.mode, save_last=True,
-        save_top_k=cfg.checkpoint.save_top_k if monitor else 0,
-        every_n_epochs=cfg.checkpoint.every_n_epochs,
-    )
-    pseudo = PseudoLabelCallback(
-        k=cfg.cluster.k, pca_dim=cfg.cluster.pca_dim, niter=cfg.cluster.niter,
-        nredo=cfg.cluster.nredo, every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed,
-        warm_start=cfg.cluster.warm_start,
-    )
-    return [pseudo, checkpoint], checkpoint
+    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                           every_n_train_steps=cfg.checkpoint.every_n_train_steps)
+    callbacks: list[L.Callback] = [
+        PseudoLabelCallback(
+            k=cfg.cluster.k, pca_dim=cfg.cluster.pca_dim, niter=cfg.cluster.niter,
+            nredo=cfg.cluster.nredo, every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed,
+            warm_start=cfg.cluster.warm_start,
+        ),
+        last,
+    ]
+    if monitor:
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=monitor, mode=cfg.checkpoint.mode, save_top_k=cfg.checkpoint.save_top_k,
+            every_n_epochs=cfg.checkpoint.every_n_epochs,
+        ))
+    return callbacks, callbacks[-1] if monitor else last
 
 
 def flatten_results(results: list[dict[str, float]]) -> dict[str, float]:
@@ -91,8 +99,13 @@ def format_table(metrics: dict[str, float]) -> str:
 
 @rank_zero_only
 def write_run_info(out_dir: Path) -> None:
+    """``run_info.json``; a resumed run adds ``run_info.resumed-N.json`` beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+    path, n = out_dir / "run_info.json", 0
+    while path.exists():
+        n += 1
+        path = out_dir / f"run_info.resumed-{n}.json"
+    path.write_text(json.dumps(run_info(), indent=2) + "\n")
 
 
 @dataclass
@@ -126,24 +139,29 @@ def build_run(cfg: DictConfig) -> Run:
     return Run(datamodule, module, trainer, checkpoint)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
     """Fit and test one model; returns the final metrics (also written to ``metrics.json``)."""
-    out_dir = Path(cfg.paths.output_dir)
+    check_config(cfg)
+    ckpt_path, out_dir = resolve_start(cfg.ckpt_path, cfg.resume, Path(cfg.paths.output_dir))
+    if out_dir != Path(cfg.paths.output_dir):
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out_dir)
     if cfg.print_config:
         rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
     write_run_info(out_dir)
     run = build_run(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.callbacks.extend(extra_callbacks)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     # The final clustering (refreshed at the end of fit) goes into last.ckpt with the final weights.
-    last_path = Path(run.checkpoint.dirpath) / "last.ckpt"
+    last_path = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_path)
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(format_table(metrics))
         print(f"run dir:    {out_dir}")
-        best = run.checkpoint.best_model_path
+        best = run.checkpoint.best_model_path if run.checkpoint.monitor else ""
         print(f"checkpoint: {last_path}" + (f" (best by {run.checkpoint.monitor}: {best})" if best else ""))
         print(f"metrics:    {out_dir / 'metrics.json'}")
     return metrics

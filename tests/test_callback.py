@@ -14,9 +14,11 @@ class Spy(L.Callback):
         self.labels: list[torch.Tensor] = []
         self.head_before: list[torch.Tensor] = []
         self.head_after: list[torch.Tensor] = []
+        self.epochs: list[torch.Tensor] = []
 
     def on_train_epoch_start(self, trainer, module) -> None:  # runs after the pseudo-label callback
         self.labels.append(module.cluster_state.labels.clone())
+        self.epochs.append(torch.tensor(module.cluster_state.epoch))
         self.head_after.append(module.cluster_task.head.weight.detach().clone())
 
     def on_train_epoch_end(self, trainer, module) -> None:
@@ -24,12 +26,14 @@ class Spy(L.Callback):
 
 
 def test_pseudo_labels_refresh_and_head_is_reinitialised(shapes_dir, tmp_path):
-    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=3"])
+    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=3",
+                                 "cluster.warm_start=false"])
     run = build_run(cfg)
     spy = Spy()
     run.trainer.callbacks.insert(1, spy)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert len(spy.labels) == 3
+    assert [s.item() for s in spy.epochs] == [0, 1, 2]  # a fresh clustering every epoch
     assert any(not torch.equal(spy.labels[0], later) for later in spy.labels[1:])
     for epoch in (1, 2):  # the head trained in the previous epoch is replaced by a fresh one
         assert not torch.allclose(spy.head_before[epoch - 1], spy.head_after[epoch])

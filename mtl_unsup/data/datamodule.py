@@ -16,6 +16,7 @@ from torchvision.transforms import v2
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.digits import write_digits_folder
 from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
+from mtl_unsup.data.resumable import ResumableDataLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.on_bad_image = on_bad_image
+        self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
 
@@ -182,20 +184,28 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _dataset(self, split: str) -> ImageDataset:
         return ImageDataset(self.splits[split], self.channels, self.image_transform())
 
-    def _loader(self, dataset: ImageDataset, train: bool, sampler: Any = None) -> DataLoader:
+    def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train and self.drop_last and len(dataset) > self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset("train"), train=True)
+        """Shuffled by (seed, epoch) and sharded across ranks; resumable mid-epoch."""
+        dataset = self._dataset("train")
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        drop_last = self.drop_last and len(dataset) > self.batch_size * world
+        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                   seed=self.split_seed if self.shuffle_seed is None
+                                   else self.shuffle_seed,
+                                   drop_last=drop_last)
+        return ResumableDataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(sampler.seed),
+        )
 
     def eval_splits(self) -> list[str]:
         """Splits evaluated at test time: held-out test (if any), then train."""
@@ -204,11 +214,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader] | DataLoader:
         if "val" not in self.splits:
             return []
-        return self._loader(self._dataset("val"), train=False)
+        return self._eval_loader(self._dataset("val"))
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(self._dataset(s), train=False)
-                for s in self.eval_splits()]
+        return [self._eval_loader(self._dataset(s)) for s in self.eval_splits()]
 
     def cluster_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
         """Plain (no augmentation) pass over the training set, sharded across ranks."""
@@ -216,4 +225,4 @@ class ImageFolderDataModule(L.LightningDataModule):
         sampler = None
         if world_size > 1:
             sampler = DistributedSampler(dataset, world_size, rank, shuffle=False)
-        return self._loader(dataset, train=False, sampler=sampler)
+        return self._eval_loader(dataset, sampler=sampler)

@@ -11,6 +11,7 @@ from torch import nn
 
 from mtl_unsup.clustering.kmeans import ClusterState
 from mtl_unsup.metrics import clustering_metrics
+from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch
 
 
@@ -193,8 +194,19 @@ class MultiTaskModule(L.LightningModule):
         if self.cluster_state is not None:
             checkpoint["cluster_state"] = self.cluster_state.state_dict()
         checkpoint["mtl_config"] = self.config
+        # The augmentations and random heads draw from the global RNGs: a resumed run must
+        # continue their streams exactly where the interrupted one stood.
+        checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "cluster_state" in checkpoint:
             self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
                                    reset_head=False)
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        # Restored here, not at load time: the trainer draws from the RNGs in between.
+        states = getattr(self, "_rng_to_restore", None)
+        if states is not None:
+            set_rng_states(states)
+            self._rng_to_restore = None

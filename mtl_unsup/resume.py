@@ -1,0 +1,83 @@
+"""Which checkpoint a run starts from, and where it writes: never over another run's files.
+
+``resume=true`` continues ``<run dir>/checkpoints/last.ckpt``; when the run directory is new
+(Hydra names it by the time), it continues the newest unfinished run of the same command: a
+sibling directory with the same overrides, a ``last.ckpt`` and no ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+
+log = logging.getLogger(__name__)
+
+IGNORED = ("resume=", "ckpt_path=", "hydra.run.dir=", "hydra.sweep.dir=")
+
+
+class RunDirError(FileExistsError):
+    """The run directory already holds another run's results."""
+
+
+def _same_command(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.lstrip("+~").startswith(IGNORED))
+
+
+def current_overrides() -> list[str] | None:
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
+
+
+def find_unfinished_run(out_dir: Path, overrides: list[str]) -> Path | None:
+    """Newest sibling of ``out_dir`` run with ``overrides`` that has a last.ckpt but no metrics."""
+    wanted = _same_command(overrides)
+    candidates = []
+    for run in out_dir.parent.iterdir() if out_dir.parent.is_dir() else []:
+        last, saved = run / "checkpoints" / "last.ckpt", run / ".hydra" / "overrides.yaml"
+        if run == out_dir or not last.is_file() or not saved.is_file():
+            continue
+        if (run / "metrics.json").exists():
+            continue
+        if _same_command(yaml.safe_load(saved.read_text()) or []) == wanted:
+            candidates.append((last.stat().st_mtime, run))
+    return max(candidates)[1] if candidates else None
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    ckpts = out_dir / "checkpoints"
+    return (out_dir / "metrics.json").exists() or (ckpts.is_dir() and any(ckpts.iterdir()))
+
+
+def resolve_start(ckpt_path: str | None, resume: bool, out_dir: Path) -> tuple[str | None, Path]:
+    """The checkpoint to start from (None: from scratch) and the directory to write into."""
+    if ckpt_path:
+        path = Path(ckpt_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Point it at a .ckpt file.")
+        if holds_a_run(out_dir) and not resume:
+            raise RunDirError(
+                f"{out_dir} already holds a run. Add resume=true to continue in it, or choose a "
+                "new hydra.run.dir."
+            )
+        return str(path), out_dir
+    if resume:
+        own = out_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return str(own), out_dir
+        overrides = current_overrides()
+        match = find_unfinished_run(out_dir, overrides) if overrides is not None else None
+        if match is not None:
+            log.info("Resuming the unfinished run in %s", match)
+            return str(match / "checkpoints" / "last.ckpt"), match
+        log.warning("resume=true, but no unfinished run of this command was found: starting afresh.")
+        return None, out_dir
+    if holds_a_run(out_dir):
+        raise RunDirError(
+            f"{out_dir} already holds a run (checkpoints or metrics.json) and would be overwritten. "
+            "Add resume=true to continue it, or choose a new hydra.run.dir."
+        )
+    return None, out_dir
