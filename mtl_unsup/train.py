@@ -14,9 +14,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_unsup.clustering.callback import PseudoLabelCallback
@@ -135,7 +136,12 @@ def build_run(cfg: DictConfig) -> Run:
     has_val_labels = datamodule.has_labels and "val" in datamodule.splits
     callbacks, checkpoint = build_callbacks(cfg, has_val_labels, module.cluster_task is not None)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    extra = {}
+    on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
+    if cfg.trainer.get("sync_batchnorm") and on_cpu:
+        rank_zero_warn("trainer.sync_batchnorm needs GPUs (SyncBatchNorm); off for this CPU run.")
+        extra["sync_batchnorm"] = False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
     return Run(datamodule, module, trainer, checkpoint)
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional.clustering import normalized_mutual_info_score
 
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
 from mtl_unsup.metrics import score_clustering
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -107,9 +104,9 @@ class PseudoLabelCallback(L.Callback):
             return
         stats = self.refresh(trainer, module, reset_head=True)
         for name, value in stats.items():
-            module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
-        log.info("epoch %d clusters: %s", epoch,
-                 ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in stats.items()))
+            module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
+        rank_zero_info(f"epoch {epoch} clusters: "
+                       + ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in stats.items()))
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Final assignment with the final weights, so k-means evaluation matches the model."""

@@ -130,9 +130,10 @@ class MultiTaskModule(L.LightningModule):
         bs = len(batch["index"])
         for name, task in active.items():
             loss = task.loss(task_batch)
-            self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs)
+            self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             total = total + task.weight * loss
-        self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs,
+                 sync_dist=True)
         return total
 
     def configure_optimizers(self) -> Any:
