@@ -70,6 +70,9 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, cifar_stem: bool) -> N
             )
             new = nn.Conv2d(in_channels, module.out_channels, kernel, stride, padding,
                             bias=module.bias is not None)
+            if not cifar_stem and in_channels == 1:  # keep (pretrained) filters: sum over RGB
+                with torch.no_grad():
+                    new.weight.copy_(module.weight.sum(dim=1, keepdim=True))
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             setattr(parent, name.rpartition(".")[2], new)
             return
