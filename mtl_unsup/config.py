@@ -79,6 +79,7 @@ class TrainConfig:
     ckpt_path: str | None = None
     resume: bool = False
     print_config: bool = True
+    pictures: bool = True
 
 
 class ConfigValueError(ValueError):

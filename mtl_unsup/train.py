@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -24,9 +25,11 @@ from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.config import check_config, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
+from mtl_unsup.inference import predict_images
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
+from mtl_unsup.visualize import save_pictures
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -109,6 +112,18 @@ def write_run_info(out_dir: Path) -> None:
     path.write_text(json.dumps(run_info(), indent=2) + "\n")
 
 
+def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
+                  datamodule: ImageFolderDataModule) -> None:
+    """PNGs of the held-out split (the training set when there is none) into ``pictures/``."""
+    split = datamodule.eval_splits()[0]
+    images = datamodule.splits[split]
+    preds = predict_images(module, cfg, images, datamodule.eval_batch_size, progress=False,
+                           device=module.device)
+    labels = np.asarray(images.labels) if images.has_labels else None
+    save_pictures(out_dir / "pictures", images.paths, preds.clusters, preds.confidence,
+                  preds.features, labels, images.classes, out_dir / "csv" / "metrics.csv")
+
+
 @dataclass
 class Run:
     """Everything one training run is made of, built and checked before any training."""
@@ -165,6 +180,8 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if cfg.pictures:
+            draw_pictures(out_dir, module, cfg, datamodule)
         print(format_table(metrics))
         print(f"run dir:    {out_dir}")
         best = run.checkpoint.best_model_path if run.checkpoint.monitor else ""

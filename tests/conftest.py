@@ -70,6 +70,7 @@ TINY = [
     "cluster.every_n_epochs=1",
     "task.cluster.start_epoch=0",
     "print_config=false",
+    "pictures=false",
 ]
 
 

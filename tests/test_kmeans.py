@@ -73,3 +73,15 @@ def test_warm_start_keeps_cluster_identities():
     moved = x + 0.05 * torch.randn_like(x)  # the features drift a little between refreshes
     warm = cluster_features(moved, k=4, pca_dim=None, seed=123, init_labels=first.labels)
     assert torch.equal(warm.labels, first.labels)
+
+
+def test_relabelling_to_a_reference_keeps_the_partition():
+    x, _ = blobs(n_per=30, k=4, dim=8, seed=2)
+    state = cluster_features(x, k=4, pca_dim=None, seed=0)
+    reference = torch.tensor([2, 0, 3, 1])[state.labels]  # the same partition, other names
+    from mtl_unsup.clustering.kmeans import matching_permutation
+
+    renamed = state.relabelled(matching_permutation(state.labels, reference, 4))
+    assert torch.equal(renamed.labels, reference)
+    assert torch.equal(renamed.assign(x)[0], renamed.labels)  # centroids moved with their names
+    assert torch.allclose(renamed.distance_to(x, renamed.labels), renamed.assign(x)[1], atol=1e-5)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
-    metrics = train(compose_cfg(tmp_path, tiny_folder_overrides(shapes_dir)))
+    metrics = train(compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "pictures=true"]))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == metrics
     for split in ("test", "train"):
@@ -29,6 +29,8 @@ def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "checkpoints").glob("best-*.ckpt"))
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+    for name in ("cluster_grid", "confusion", "embedding", "training_curves"):
+        assert (tmp_path / "pictures" / f"{name}.png").stat().st_size > 1000
 
 
 def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:

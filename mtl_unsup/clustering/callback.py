@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional.clustering import normalized_mutual_info_score
 
-from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
+from mtl_unsup.clustering.kmeans import ClusterState, cluster_features, matching_permutation
 from mtl_unsup.metrics import score_clustering
 
 
@@ -67,7 +67,11 @@ class PseudoLabelCallback(L.Callback):
         self.every_n_epochs, self.seed, self.warm_start = every_n_epochs, seed, warm_start
 
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, reset_head: bool) -> dict:
-        """Re-cluster now; returns statistics of the new assignment."""
+        """Re-cluster now; returns statistics of the new assignment.
+
+        Without ``reset_head`` (the final clustering) the new clusters are renamed to agree with
+        the trained head's predictions, so head and k-means speak of the same cluster numbers.
+        """
         features = extract_features(trainer, module)
         epoch = trainer.current_epoch
         state = None
@@ -78,6 +82,11 @@ class PseudoLabelCallback(L.Callback):
         if trainer.is_global_zero:
             state = cluster_features(features, self.k, self.pca_dim, self.niter, self.nredo,
                                      seed=self.seed + epoch, epoch=epoch, init_labels=init)
+            task = module.cluster_task
+            if not reset_head and task is not None:
+                with torch.no_grad():
+                    head = task.logits(features.to(module.device)).argmax(1).cpu()
+                state = state.relabelled(matching_permutation(state.labels, head, state.k))
         state = trainer.strategy.broadcast(state, src=0)
         stats = self._stats(trainer, module.cluster_state, state)
         module.set_cluster_state(state, reset_head=reset_head)

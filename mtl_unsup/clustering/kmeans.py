@@ -45,6 +45,17 @@ class ClusterState:
         d, labels = dist.min(dim=1)
         return labels, d
 
+    def distance_to(self, features: torch.Tensor, clusters: torch.Tensor) -> torch.Tensor:
+        """Distance of each feature row to the centroid of the given cluster."""
+        return (self.transform(features) - self.centroids[clusters.cpu()]).norm(dim=1)
+
+    def relabelled(self, permutation: torch.Tensor) -> ClusterState:
+        """The same clustering with cluster ``c`` renamed ``permutation[c]``."""
+        centroids = torch.empty_like(self.centroids)
+        centroids[permutation] = self.centroids
+        return ClusterState(permutation[self.labels], centroids, self.pca_mean, self.pca_proj,
+                            self.epoch)
+
     def state_dict(self) -> dict:
         return {"labels": self.labels, "centroids": self.centroids, "pca_mean": self.pca_mean,
                 "pca_proj": self.pca_proj, "epoch": self.epoch}
@@ -52,6 +63,19 @@ class ClusterState:
     @classmethod
     def from_state_dict(cls, state: dict) -> ClusterState:
         return cls(**state)
+
+
+def matching_permutation(labels: torch.Tensor, reference: torch.Tensor, k: int) -> torch.Tensor:
+    """Renaming of ``labels``' clusters that agrees best with ``reference`` (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+
+    overlap = torch.zeros(k, k, dtype=torch.long)
+    overlap.index_put_((labels.cpu(), reference.cpu()), torch.ones(len(labels), dtype=torch.long),
+                       accumulate=True)
+    rows, cols = linear_sum_assignment(-overlap.numpy())
+    permutation = torch.arange(k)
+    permutation[torch.from_numpy(rows)] = torch.from_numpy(cols)
+    return permutation
 
 
 def fit_pca_whitening(

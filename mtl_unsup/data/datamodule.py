@@ -11,9 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.transforms import v2
 
-from mtl_unsup.data.dataset import ImageDataset
+from mtl_unsup.data.dataset import ImageDataset, image_transform
 from mtl_unsup.data.digits import write_digits_folder
 from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
 from mtl_unsup.data.resumable import ResumableDataLoader, ResumableSampler
@@ -128,13 +127,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError(f"data.{key} has {len(values)} values for {self.channels} channel(s).")
         return values
 
-    def image_transform(self) -> v2.Compose:
-        """Decode to a ``channels x image_size x image_size`` float tensor in [0, 1]."""
-        return v2.Compose([
-            v2.ToImage(), v2.Resize((self.image_size, self.image_size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
-
     # ----------------------------------------------------------------------- splits and checks
     def prepare_data(self) -> None:
         if self.builtin == "digits":
@@ -182,7 +174,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- loaders
     def _dataset(self, split: str) -> ImageDataset:
-        return ImageDataset(self.splits[split], self.channels, self.image_transform())
+        return ImageDataset(self.splits[split], self.channels, image_transform(self.image_size))
 
     def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
         return DataLoader(

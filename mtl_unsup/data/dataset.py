@@ -7,8 +7,17 @@ from typing import Any
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
 
 from mtl_unsup.data.images import ImageList, load_image
+
+
+def image_transform(image_size: int) -> v2.Compose:
+    """Decode to a ``C x image_size x image_size`` float tensor in [0, 1]."""
+    return v2.Compose([
+        v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
 
 
 class ImageDataset(Dataset):

@@ -22,7 +22,7 @@ class MultiTaskModule(L.LightningModule):
         backbone: module with a ``feature_dim`` attribute.
         tasks: name -> :class:`Task`; each gets a head sized for the backbone.
         num_clusters: k, the size of the clustering head and of k-means.
-        optimizer: partial optimizer taking the parameters.
+        optimizer: partial optimizer taking the parameters (None for inference only).
         scheduler: optional partial LR scheduler taking the optimizer (stepped every epoch).
         num_classes: ground-truth classes for evaluation (0 when unlabelled).
         eval_splits: names of the test dataloaders, in order.
@@ -36,7 +36,7 @@ class MultiTaskModule(L.LightningModule):
         backbone: nn.Module,
         tasks: Mapping[str, Task],
         num_clusters: int,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
         scheduler: Callable[..., Any] | None = None,
         num_classes: int = 0,
         eval_splits: tuple[str, ...] = ("test",),

@@ -1,0 +1,115 @@
+"""Score a trained model on a labelled folder, with a per-cluster table and pictures.
+
+``python -m mtl_unsup.evaluate ckpt=<run>/checkpoints/last.ckpt data.root=<labelled folder>``
+(or ``mtl-evaluate``) prints Hungarian ACC, NMI and ARI of the clusters, each cluster's size,
+majority class and purity, and the k-nearest-neighbour accuracy of the features, and writes
+``evaluation.json``, ``clusters.csv`` and PNG pictures into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from mtl_unsup.data.images import DataError, drop_bad_images, scan_folder
+from mtl_unsup.inference import model_from_checkpoint, predict_images
+from mtl_unsup.metrics import score_clustering
+from mtl_unsup.predict import FolderInput, pick_device, refuse_to_overwrite
+from mtl_unsup.visualize import save_pictures
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt: str = MISSING
+    data: FolderInput = field(default_factory=lambda: FolderInput(labels="subfolders"))
+    out_dir: str = "${hydra:runtime.output_dir}"
+    knn_k: int = 20
+    pictures: bool = True
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Leave-one-out accuracy of a cosine k-NN majority vote among the labelled images."""
+    x = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
+    y = torch.from_numpy(labels).long()
+    k = max(1, min(k, len(x) - 1))
+    correct = 0
+    for chunk in torch.arange(len(x)).split(1024):
+        sims = x[chunk] @ x.t()
+        sims[torch.arange(len(chunk)), chunk] = -float("inf")  # not oneself
+        votes = y[sims.topk(k, dim=1).indices]
+        pred = torch.mode(votes, dim=1).values
+        correct += int((pred == y[chunk]).sum())
+    return correct / len(x)
+
+
+def cluster_table(clusters: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
+                  k: int) -> list[dict]:
+    rows = []
+    for c in range(k):
+        members = labels[clusters == c]
+        if len(members) == 0:
+            rows.append({"cluster": c, "size": 0, "majority_class": "-", "purity": 0.0})
+            continue
+        counts = np.bincount(members, minlength=len(classes))
+        rows.append({"cluster": c, "size": len(members), "majority_class": classes[counts.argmax()],
+                     "purity": round(float(counts.max() / len(members)), 4)})
+    return rows
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.out_dir)
+    if not cfg.overwrite:
+        refuse_to_overwrite([out_dir / "evaluation.json", out_dir / "clusters.csv"])
+    module, train_cfg = model_from_checkpoint(cfg.ckpt)
+    images = scan_folder(cfg.data.root, labels=cfg.data.labels)
+    if not images.has_labels:
+        raise DataError(f"{cfg.data.root} has no class subfolders: evaluation needs labels.")
+    images = drop_bad_images(images, cfg.data.on_bad_image, "evaluation")
+    preds = predict_images(module, train_cfg, images, cfg.data.batch_size, cfg.data.num_workers,
+                           progress=cfg.progress, device=pick_device(cfg.device))
+    labels = np.asarray(images.labels)
+    k = int(train_cfg.cluster.k)
+    result = {f"eval/{m}": v for m, v in score_clustering(
+        torch.from_numpy(preds.clusters), torch.from_numpy(labels)).items()}
+    result["eval/knn_acc"] = knn_accuracy(preds.features, labels, cfg.knn_k)
+    result["eval/images"] = len(images)
+    table = cluster_table(preds.clusters, labels, images.classes, k)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    with open(out_dir / "clusters.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    if cfg.pictures:
+        save_pictures(out_dir, images.paths, preds.clusters, preds.confidence, preds.features,
+                      labels, images.classes)
+    print(" ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                   for k, v in result.items()))
+    print("| cluster | size | majority class | purity |\n|---|---|---|---|")
+    for row in table:
+        print(f"| {row['cluster']} | {row['size']} | {row['majority_class']} | {row['purity']:.3f} |")
+    print(f"written to {out_dir}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

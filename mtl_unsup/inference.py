@@ -1,0 +1,101 @@
+"""Loading a trained model from its checkpoint alone, and running it over a folder of images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mtl_unsup.data.dataset import ImageDataset, image_transform
+from mtl_unsup.data.images import ImageList
+from mtl_unsup.models.module import MultiTaskModule
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or not one of mtl-unsup's."""
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data only, no code."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={str(path)!r} does not exist. Point it at a .ckpt file of a run.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"ckpt={str(path)!r} cannot be read as a checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or "mtl_config" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt={str(path)!r} is not an mtl-unsup checkpoint (no config inside).")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig]:
+    """Rebuild the trained model (eval mode, clustering state included) and its run config."""
+    ckpt = load_checkpoint(path)
+    cfg = OmegaConf.create(ckpt["mtl_config"])
+    channels = int(cfg.data.channels)
+    backbone = instantiate(cfg.backbone, in_channels=channels, weights_path=None)
+    tasks = {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
+    module = MultiTaskModule(
+        backbone, tasks, num_clusters=int(cfg.cluster.k), optimizer=None,
+        augmentations={name: nn.Identity() for name in cfg.data.augmentations},
+        mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
+        config=ckpt["mtl_config"],
+    )
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+    return module.eval(), cfg
+
+
+@dataclass
+class Predictions:
+    """Per-image outputs, in the order of the image list."""
+
+    features: np.ndarray
+    clusters: np.ndarray
+    confidence: np.ndarray
+    distance: np.ndarray
+
+
+@torch.no_grad()
+def predict_images(
+    module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int = 256,
+    num_workers: int = 0, progress: bool = True, device: str | torch.device = "cpu",
+) -> Predictions:
+    """Stream ``images`` through the model in batches.
+
+    The cluster is the clustering head's choice (k-means' when there is no head), confidence its
+    softmax probability, distance the whitened feature's distance to that cluster's centroid.
+    """
+    module = module.to(device)
+    dataset = ImageDataset(images, int(cfg.data.channels), image_transform(int(cfg.data.image_size)))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    state = module.cluster_state
+    feats, clusters, confidence, distance = [], [], [], []
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+        out = module.predict_clusters(batch["image"].to(device))
+        if "logits" in out:
+            probs = out["logits"].float().softmax(dim=1)
+            conf, cluster = probs.max(dim=1)
+        else:
+            cluster, conf = out["kmeans"], torch.ones(len(out["kmeans"]))
+        feats.append(out["features"].float().cpu())
+        clusters.append(cluster.cpu())
+        confidence.append(conf.cpu())
+        if state is not None:
+            distance.append(state.distance_to(out["features"], cluster))
+    n = len(images)
+    return Predictions(
+        features=torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32),
+        clusters=torch.cat(clusters).numpy() if clusters else np.zeros(0, np.int64),
+        confidence=torch.cat(confidence).numpy() if confidence else np.zeros(0, np.float32),
+        distance=torch.cat(distance).numpy() if distance else np.full(n, np.nan),
+    )

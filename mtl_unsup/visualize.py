@@ -1,0 +1,136 @@
+"""Pictures of what a model learned, saved as PNG: cluster grids, confusion, embedding, curves."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from mtl_unsup.data.images import load_image  # noqa: E402
+
+
+def cluster_grid(paths: Sequence[Path], clusters: np.ndarray, confidence: np.ndarray, out: Path,
+                 per_cluster: int = 12, thumb: int = 48) -> Path:
+    """One row per cluster: its most confident images first, the row labelled with its size."""
+    k = int(clusters.max()) + 1 if len(clusters) else 0
+    canvas = Image.new("RGB", (per_cluster * thumb + 70, max(k, 1) * thumb), "white")
+    fig_labels = []
+    for c in range(k):
+        members = np.flatnonzero(clusters == c)
+        best = members[np.argsort(-confidence[members])][:per_cluster]
+        for j, i in enumerate(best):
+            img = load_image(paths[i], 3).resize((thumb, thumb), Image.Resampling.NEAREST)
+            canvas.paste(img, (70 + j * thumb, c * thumb))
+        fig_labels.append(f"{c} (n={len(members)})")
+    fig, ax = plt.subplots(figsize=(canvas.width / 60, canvas.height / 60 + 0.4), dpi=60)
+    ax.imshow(canvas)
+    ax.set_yticks([c * thumb + thumb / 2 for c in range(k)], fig_labels)
+    ax.set_xticks([])
+    ax.set_title("clusters, most confident first")
+    return _save(fig, out)
+
+
+def hungarian_confusion(clusters: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                        out: Path) -> Path:
+    """Class-by-cluster counts, clusters reordered by their Hungarian match to the classes."""
+    from scipy.optimize import linear_sum_assignment
+
+    keep = labels >= 0
+    clusters, labels = clusters[keep], labels[keep]
+    k, n = int(clusters.max()) + 1, max(int(labels.max()) + 1, len(class_names))
+    counts = np.zeros((n, k), dtype=np.int64)
+    np.add.at(counts, (labels, clusters), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    order = list(cols[np.argsort(rows)]) + [c for c in range(k) if c not in cols]
+    counts = counts[:, order]
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * k, 1 + 0.5 * n))
+    ax.imshow(counts, cmap="Blues")
+    for (i, j), v in np.ndenumerate(counts):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > counts.max() / 2 else "black")
+    ax.set_xticks(range(k), [str(c) for c in order])
+    ax.set_yticks(range(n), list(class_names)[:n] or [str(i) for i in range(n)])
+    ax.set_xlabel("cluster (matched order)")
+    ax.set_ylabel("true class")
+    acc = sum(counts[i, i] for i in range(min(n, k))) / max(counts.sum(), 1)
+    ax.set_title(f"confusion after Hungarian matching (ACC {acc:.3f})")
+    return _save(fig, out)
+
+
+def embedding_2d(features: np.ndarray, clusters: np.ndarray, labels: np.ndarray | None, out: Path,
+                 max_points: int = 3000, seed: int = 0) -> Path:
+    """t-SNE of the features (after PCA to 50), coloured by cluster and, if known, by class."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(features))[:max_points]
+    x = features[idx]
+    if x.shape[1] > 50 and len(x) > 50:
+        x = PCA(50, random_state=seed).fit_transform(x)
+    xy = TSNE(2, init="pca", random_state=seed, perplexity=min(30, max(2, len(x) // 4))).fit_transform(x)
+    panels = [("cluster", clusters[idx])]
+    if labels is not None and (labels >= 0).any():
+        panels.append(("true class", labels[idx]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5.5), squeeze=False)
+    for ax, (title, colour) in zip(axes[0], panels, strict=True):
+        ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab20", s=6)
+        ax.set_title(f"t-SNE of features, coloured by {title}")
+        ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, out)
+
+
+def training_curves(metrics_csv: Path, out: Path) -> Path:
+    """Per-task losses and clustering quality (ACC/NMI) over epochs, from the CSV log."""
+    rows = list(csv.DictReader(metrics_csv.read_text().splitlines()))
+    series: dict[str, dict[int, float]] = {}
+    for row in rows:
+        epoch = int(float(row.get("epoch") or 0))
+        for key, value in row.items():
+            if value and (key.startswith("train/loss") or key in (
+                    "cluster/train_acc", "cluster/train_nmi", "val/acc", "val/nmi", "val/kmeans_acc")):
+                series.setdefault(key, {})[epoch] = float(value)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, points in sorted(series.items()):
+        ax = left if key.startswith("train/loss") else right
+        epochs = sorted(points)
+        ax.plot(epochs, [points[e] for e in epochs], label=key, marker="." if len(epochs) < 30 else None)
+    left.set_title("losses (weighted sum and per task)")
+    right.set_title("clustering quality (labels used for evaluation only)")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def save_pictures(out_dir: Path, paths: Sequence[Path], clusters: np.ndarray, confidence: np.ndarray,
+                  features: np.ndarray, labels: np.ndarray | None = None,
+                  class_names: Sequence[str] = (), metrics_csv: Path | None = None) -> list[Path]:
+    """Every picture that applies: grid, confusion (with labels), embedding, curves (with a log)."""
+    written = [cluster_grid(paths, clusters, confidence, out_dir / "cluster_grid.png")]
+    has_labels = labels is not None and bool((labels >= 0).any())
+    if has_labels:
+        written.append(hungarian_confusion(clusters, labels, class_names, out_dir / "confusion.png"))
+    if len(features) >= 10:
+        written.append(embedding_2d(features, clusters, labels if has_labels else None,
+                                    out_dir / "embedding.png"))
+    if metrics_csv is not None and metrics_csv.is_file():
+        written.append(training_curves(metrics_csv, out_dir / "training_curves.png"))
+    return written

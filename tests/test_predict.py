@@ -1,0 +1,105 @@
+"""Using a trained model: predict and evaluate from the checkpoint alone."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mtl_unsup.evaluate import EvaluateConfig, evaluate, knn_accuracy
+from mtl_unsup.inference import CheckpointError, model_from_checkpoint
+from mtl_unsup.predict import PredictConfig, predict
+from mtl_unsup.train import train
+
+from .conftest import compose_cfg, tiny_folder_overrides, write_shapes
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("trained")
+    train(compose_cfg(base / "run", tiny_folder_overrides(write_shapes(base / "shapes"))))
+    return base / "run" / "checkpoints" / "last.ckpt"
+
+
+def predict_cfg(**kw) -> OmegaConf:
+    cfg = OmegaConf.structured(PredictConfig)
+    cfg.progress = False
+    for key, value in kw.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_checkpoint_alone_rebuilds_the_model(trained):
+    module, cfg = model_from_checkpoint(trained)
+    assert cfg.cluster.k == 3 and module.cluster_state is not None and not module.training
+    raw = torch.load(trained, weights_only=True)  # what the loader uses: no pickled code
+    assert torch.equal(module.cluster_state.centroids, raw["cluster_state"]["centroids"])
+
+
+def test_predict_writes_csv_embeddings_and_sorted_links(trained, tmp_path):
+    folder = write_shapes(tmp_path / "new", per_class=4, seed=5, labelled=False)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "c0_000.png").write_bytes((folder / "c0_000.png").read_bytes())  # same name
+    (folder / "naïve ünïcode.png").write_bytes((folder / "c1_000.png").read_bytes())
+    out = tmp_path / "out"
+    predict(predict_cfg(ckpt=str(trained), **{"data.root": str(folder)}, out_dir=str(out),
+                        save_embeddings=True, sort="symlink"))
+    rows = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    assert len(rows) == 14 and {r["path"] for r in rows} >= {str(folder / "naïve ünïcode.png")}
+    assert all(0 <= int(r["cluster"]) < 3 and 0 < float(r["confidence"]) <= 1 for r in rows)
+    assert all(float(r["distance"]) >= 0 for r in rows)
+    emb = np.load(out / "embeddings.npy")
+    assert emb.shape[0] == 14 and len((out / "embedding_paths.txt").read_text().split("\n")) == 15
+    links = sorted((out / "clusters").rglob("*.png"))
+    assert len(links) == 14 and all(p.is_symlink() for p in links)
+    assert all(str(p.resolve()).startswith(str(folder.resolve())) for p in links)
+
+
+def test_predict_never_overwrites_without_being_told(trained, tmp_path):
+    folder = write_shapes(tmp_path / "new", per_class=2, labelled=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "predictions.csv").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        predict(predict_cfg(ckpt=str(trained), **{"data.root": str(folder)}, out_dir=str(out)))
+    assert (out / "predictions.csv").read_text() == "mine"
+    predict(predict_cfg(ckpt=str(trained), **{"data.root": str(folder)}, out_dir=str(out),
+                        overwrite=True))
+    assert (out / "predictions.csv").read_text().startswith("path,cluster")
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        model_from_checkpoint(tmp_path / "none.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an mtl-unsup checkpoint"):
+        model_from_checkpoint(tmp_path / "other.ckpt")
+    (tmp_path / "junk.ckpt").write_text("junk")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        model_from_checkpoint(tmp_path / "junk.ckpt")
+
+
+def test_evaluate_reports_scores_cluster_table_and_pictures(trained, tmp_path):
+    folder = write_shapes(tmp_path / "labelled", per_class=10, seed=7)
+    cfg = OmegaConf.structured(EvaluateConfig)
+    cfg.ckpt, cfg.data.root, cfg.out_dir = str(trained), str(folder), str(tmp_path / "ev")
+    cfg.progress = False
+    result = evaluate(cfg)
+    saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert saved == result and {"eval/acc", "eval/nmi", "eval/ari", "eval/knn_acc"} <= set(saved)
+    table = list(csv.DictReader((tmp_path / "ev" / "clusters.csv").read_text().splitlines()))
+    assert len(table) == 3 and sum(int(r["size"]) for r in table) == 30
+    assert all(0 <= float(r["purity"]) <= 1 for r in table)
+    assert (tmp_path / "ev" / "confusion.png").is_file() and (tmp_path / "ev" / "cluster_grid.png").is_file()
+
+
+def test_knn_accuracy_on_separable_and_random_features():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    separable = np.eye(3)[labels] + 0.01 * rng.standard_normal((60, 3))
+    assert knn_accuracy(separable.astype(np.float32), labels, 5) == 1.0
+    noise = rng.standard_normal((60, 8)).astype(np.float32)
+    assert knn_accuracy(noise, labels, 5) < 0.6
