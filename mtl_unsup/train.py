@@ -26,7 +26,7 @@ from mtl_unsup.config import check_config, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import predict_images
-from mtl_unsup.models.module import MultiTaskModule
+from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
 from mtl_unsup.visualize import save_pictures
@@ -173,7 +173,14 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
     run = build_run(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
     trainer.callbacks.extend(extra_callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except NonFiniteLossError as err:
+        last = out_dir / "checkpoints" / "last.ckpt"
+        kept = (f"The last good checkpoint is {last}; continue from it with resume=true "
+                "after lowering optimizer.lr or a task weight." if last.is_file()
+                else "No checkpoint had been saved yet.")
+        raise NonFiniteLossError(f"{err} {kept}") from None
     # The final clustering (refreshed at the end of fit) goes into last.ckpt with the final weights.
     last_path = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_path)

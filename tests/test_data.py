@@ -157,3 +157,26 @@ def test_bad_data_settings_are_named():
         ImageFolderDataModule(root="x", val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(DataError, match="data.mean"):
         ImageFolderDataModule(root="x", channels=3, mean=[0.5, 0.5])
+
+
+def test_decompression_bombs_unreadable_files_and_unicode_names(tmp_path, monkeypatch):
+    root = write_shapes(tmp_path / "d", per_class=4)
+    big = root / "class_2" / "bomb.png"
+    Image.new("L", (200, 200)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40,000 pixels: over twice the limit
+    os.symlink(tmp_path / "gone.png", root / "class_1" / "dangling.png")
+    (root / "class_0" / "żółw 🐢.png").write_bytes((root / "class_0" / "c0_000.png").read_bytes())
+    with pytest.warns(UserWarning, match="Skipping 2 unreadable") as record:
+        dm = make_dm(root, val_fraction=0.0, test_fraction=0.0)
+    message = str(record[0].message)
+    assert f"{big}: decompression bomb" in message
+    assert f"{root / 'class_1' / 'dangling.png'}: cannot be read" in message
+    assert dm.num_train == 13 and root / "class_0" / "żółw 🐢.png" in dm.splits["train"].paths
+
+
+def test_a_folder_of_only_bad_images_is_an_error(tmp_path):
+    folder = tmp_path / "bad" / "x"
+    write_bad_files(folder)
+    with pytest.raises(DataError, match="Every image of the train set is unreadable"), \
+            pytest.warns(UserWarning):
+        make_dm(tmp_path / "bad", val_fraction=0.0, test_fraction=0.0)

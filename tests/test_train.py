@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from mtl_unsup.config import ConfigValueError
@@ -135,3 +136,26 @@ def test_slurm_launcher_config_follows_the_trainer(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.gpus_per_node == 4 and launcher.nodes == 2
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shapes_dir, tmp_path):
+    from mtl_unsup.models.module import NonFiniteLossError
+
+    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "optimizer.lr=1e30",
+                                 "checkpoint.every_n_train_steps=1", "trainer.max_epochs=20",
+                                 "scheduler=null"])
+    with pytest.raises(NonFiniteLossError, match=r"became (nan|inf).*last good checkpoint is .*last\.ckpt"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_second_run_into_the_same_dir_is_refused(shapes_dir, tmp_path):
+    from mtl_unsup.resume import RunDirError
+
+    train(compose_cfg(tmp_path, tiny_folder_overrides(shapes_dir)))
+    before = (tmp_path / "metrics.json").read_text()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "seed=3"]))
+    assert (tmp_path / "metrics.json").read_text() == before

@@ -159,7 +159,11 @@ def to_mode(im: Image.Image, channels: int) -> Image.Image:
 def check_image(path: Path) -> str | None:
     """Why ``path`` cannot be used as an image, or None when it decodes fully."""
     try:
-        if path.stat().st_size == 0:
+        size = path.stat().st_size
+    except OSError as err:  # a broken symlink, a file that vanished, no permission
+        return f"cannot be read: {err.strerror or err}"
+    try:
+        if size == 0:
             return "empty file (0 bytes)"
         load_image(path, channels=3)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -167,7 +171,7 @@ def check_image(path: Path) -> str | None:
     except UnidentifiedImageError:
         return "not an image Pillow can read"
     except PermissionError:
-        return "permission denied"
+        return "cannot be read: permission denied"
     except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
         return f"corrupt or truncated: {err}"
     return None

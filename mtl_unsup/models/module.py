@@ -15,6 +15,10 @@ from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops with its last good checkpoint kept."""
+
+
 class MultiTaskModule(L.LightningModule):
     """Trains a backbone jointly on several tasks and evaluates its clusters.
 
@@ -128,10 +132,18 @@ class MultiTaskModule(L.LightningModule):
         task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone)
         total = torch.zeros((), device=self.device)
         bs = len(batch["index"])
+        losses: dict[str, float] = {}
         for name, task in active.items():
             loss = task.loss(task_batch)
+            losses[name] = float(loss.detach())
             self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             total = total + task.weight * loss
+        if not torch.isfinite(total):
+            raise NonFiniteLossError(
+                f"The training loss became {total.item()} at epoch {self.current_epoch}, step "
+                f"{self.global_step} ({', '.join(f'{n}={v:.4g}' for n, v in losses.items())}). "
+                "Training stopped before this step changed the weights."
+            )
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs,
                  sync_dist=True)
         return total
