@@ -8,10 +8,15 @@ checked by instantiating them before any training starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+# conf/ sits beside the package in the repository (editable install); an absolute path lets the
+# console scripts find it whatever the working directory.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from mtl_unsup.config import CONF_DIR
 from mtl_unsup.data.images import DataError, drop_bad_images, scan_folder
 from mtl_unsup.inference import model_from_checkpoint, predict_images
 from mtl_unsup.metrics import score_clustering
@@ -106,7 +107,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -23,6 +23,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from mtl_unsup.config import CONF_DIR
 from mtl_unsup.data.images import drop_bad_images, scan_folder
 from mtl_unsup.inference import Predictions, model_from_checkpoint, predict_images
 
@@ -124,7 +125,7 @@ def predict(cfg: DictConfig) -> Path:
     return out_dir / "predictions.csv"
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

@@ -20,14 +20,14 @@ def cluster_grid(paths: Sequence[Path], clusters: np.ndarray, confidence: np.nda
                  per_cluster: int = 12, thumb: int = 48) -> Path:
     """One row per cluster: its most confident images first, the row labelled with its size."""
     k = int(clusters.max()) + 1 if len(clusters) else 0
-    canvas = Image.new("RGB", (per_cluster * thumb + 70, max(k, 1) * thumb), "white")
+    canvas = Image.new("RGB", (per_cluster * thumb, max(k, 1) * thumb), "white")
     fig_labels = []
     for c in range(k):
         members = np.flatnonzero(clusters == c)
         best = members[np.argsort(-confidence[members])][:per_cluster]
         for j, i in enumerate(best):
             img = load_image(paths[i], 3).resize((thumb, thumb), Image.Resampling.NEAREST)
-            canvas.paste(img, (70 + j * thumb, c * thumb))
+            canvas.paste(img, (j * thumb, c * thumb))
         fig_labels.append(f"{c} (n={len(members)})")
     fig, ax = plt.subplots(figsize=(canvas.width / 60, canvas.height / 60 + 0.4), dpi=60)
     ax.imshow(canvas)
