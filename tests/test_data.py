@@ -52,13 +52,18 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
     data = good.read_bytes()
     files["trunc"].write_bytes(data[: len(data) // 2])
     good.unlink()
+    jpeg = folder / "tmp_good.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg)
+    files["trunc_jpeg"] = folder / "trunc.jpg"
+    files["trunc_jpeg"].write_bytes(jpeg.read_bytes()[:600])
+    jpeg.unlink()
     return files
 
 
 def test_bad_files_are_found_before_training_and_skipped_with_one_warning(tmp_path):
     root = write_shapes(tmp_path / "data", per_class=10)
     bad = write_bad_files(root / "class_0")
-    with pytest.warns(UserWarning, match="Skipping 3 unreadable") as record:
+    with pytest.warns(UserWarning, match="Skipping 4 unreadable") as record:
         dm = make_dm(root, val_fraction=0.0, test_fraction=0.0)
     message = str(record[0].message)
     for path in bad.values():
