@@ -132,16 +132,16 @@ class MultiTaskModule(L.LightningModule):
         task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone)
         total = torch.zeros((), device=self.device)
         bs = len(batch["index"])
-        losses: dict[str, float] = {}
+        losses: dict[str, torch.Tensor] = {}
         for name, task in active.items():
             loss = task.loss(task_batch)
-            losses[name] = float(loss.detach())
+            losses[name] = loss.detach()
             self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             total = total + task.weight * loss
-        if not torch.isfinite(total):
+        if not torch.isfinite(total):  # one device sync a step: stop before a bad update
             raise NonFiniteLossError(
                 f"The training loss became {total.item()} at epoch {self.current_epoch}, step "
-                f"{self.global_step} ({', '.join(f'{n}={v:.4g}' for n, v in losses.items())}). "
+                f"{self.global_step} ({', '.join(f'{n}={float(v):.4g}' for n, v in losses.items())}). "
                 "Training stopped before this step changed the weights."
             )
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs,
