@@ -20,18 +20,19 @@ def cluster_grid(paths: Sequence[Path], clusters: np.ndarray, confidence: np.nda
                  per_cluster: int = 12, thumb: int = 48) -> Path:
     """One row per cluster: its most confident images first, the row labelled with its size."""
     k = int(clusters.max()) + 1 if len(clusters) else 0
-    canvas = Image.new("RGB", (per_cluster * thumb, max(k, 1) * thumb), "white")
+    cell = thumb + 4  # a white margin keeps neighbouring thumbnails apart
+    canvas = Image.new("RGB", (per_cluster * cell, max(k, 1) * cell), "white")
     fig_labels = []
     for c in range(k):
         members = np.flatnonzero(clusters == c)
         best = members[np.argsort(-confidence[members])][:per_cluster]
         for j, i in enumerate(best):
             img = load_image(paths[i], 3).resize((thumb, thumb), Image.Resampling.NEAREST)
-            canvas.paste(img, (j * thumb, c * thumb))
+            canvas.paste(img, (j * cell + 2, c * cell + 2))
         fig_labels.append(f"{c} (n={len(members)})")
-    fig, ax = plt.subplots(figsize=(canvas.width / 60, canvas.height / 60 + 0.4), dpi=60)
+    fig, ax = plt.subplots(figsize=(canvas.width / 60 + 1.2, canvas.height / 60 + 0.5), dpi=60)
     ax.imshow(canvas)
-    ax.set_yticks([c * thumb + thumb / 2 for c in range(k)], fig_labels)
+    ax.set_yticks([c * cell + cell / 2 for c in range(k)], fig_labels)
     ax.set_xticks([])
     ax.set_title("clusters, most confident first")
     return _save(fig, out)
