@@ -7,7 +7,6 @@ Run ``python -m mtl_unsup.train`` (digits, the default) or, for instance,
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
 from mtl_unsup.visualize import save_pictures
 
-log = logging.getLogger(__name__)
 register_configs()
 
 
