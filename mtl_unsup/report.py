@@ -103,7 +103,8 @@ def report(sweep_dir: str | Path, metrics: list[str] | None = None) -> str:
         present = {m for j in jobs if j.metrics for m in j.metrics}
         metrics = [m for m in DEFAULT_METRICS if m in present]
     keys = swept_keys(jobs)
-    rows = build_rows(group_jobs(jobs, keys), keys, metrics)
+    groups = group_jobs(jobs, keys)
+    rows = build_rows(groups, keys, metrics)
     columns = [*keys, "runs", *metrics]
     text = to_markdown(rows, columns)
     missing = [j for j in jobs if j.metrics is None]
@@ -116,7 +117,7 @@ def report(sweep_dir: str | Path, metrics: list[str] | None = None) -> str:
         writer = csv.writer(f)
         writer.writerow([*keys, "runs_done", "runs", *[f"{m}_{s}" for m in metrics
                                                          for s in ("mean", "std")]])
-        for group in group_jobs(jobs, keys):
+        for group in groups:
             done = [j for j in group.jobs if j.metrics is not None]
             stats = []
             for m in metrics:
