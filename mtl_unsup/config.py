@@ -1,12 +1,15 @@
 """Structured configs: the schema Hydra validates every composed config against.
 
 A typo in a key or a value of the wrong type fails at start, naming the key. Groups whose
-fields depend on the chosen class (backbone, tasks, trainer, logger) stay open here and are
-checked by instantiating them before any training starts.
+fields depend on the chosen class (backbone, tasks, logger) stay open here and are checked by
+instantiating them before any training starts.
 """
 
 from __future__ import annotations
 
+import inspect
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,23 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-# conf/ sits beside the package in the repository (editable install); an absolute path lets the
-# console scripts find it whatever the working directory.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from mtl_unsup.errors import UserError
+
+
+def _conf_dir() -> str:
+    """The YAML configs: ``mtl_unsup/conf`` in an installed wheel, else the repository's ``conf/``.
+
+    conf/ stays at the top of the repository, where users read it; the wheel ships it inside the
+    package (pyproject.toml maps ``mtl_unsup.conf`` to it). An editable install imports the
+    package from the repository, where only ``conf/`` beside it exists. The path is absolute, so
+    the commands find it whatever the working directory.
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    return str(installed if installed.is_dir() else package.parent / "conf")
+
+
+CONF_DIR = _conf_dir()
 
 
 @dataclass
@@ -55,11 +72,61 @@ class ClusterConfig:
 
 @dataclass
 class CheckpointConfig:
-    monitor: str | None = "val/acc"
+    monitor: str | None = None
     mode: str = "max"
     save_top_k: int = 1
     every_n_epochs: int = 1
     every_n_train_steps: int = 25
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of ``lightning.pytorch.Trainer`` that take plain values (conf/trainer/default.yaml).
+
+    A misspelt key or a value of the wrong type fails at composition, naming the key. Arguments
+    Lightning accepts in several types (int or float, bool or int, str or int) are ``Any`` here,
+    as OmegaConf has no unions of primitives, and are checked by :func:`check_config`. Defaults
+    are those of conf/trainer/default.yaml, else Lightning's own (a test keeps them so).
+    """
+
+    _target_: str = "lightning.pytorch.Trainer"
+    default_root_dir: str | None = "${paths.output_dir}"
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    devices: Any = 1  # int, list of device indices, or str ("auto", "0,1", "-1")
+    num_nodes: int = 1
+    precision: Any = "32-true"  # 16, "16-mixed", "bf16-mixed", ...
+    fast_dev_run: Any = False  # bool, or a number of batches
+    max_epochs: int | None = 80
+    min_epochs: int | None = None
+    max_steps: int = -1
+    min_steps: int | None = None
+    max_time: Any = None  # "DD:HH:MM:SS", or a dict such as {hours: 12}
+    # int (batches) or float (a fraction):
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    limit_predict_batches: Any = None
+    overfit_batches: Any = 0.0
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 5
+    num_sanity_val_steps: int | None = 0
+    log_every_n_steps: int | None = 1
+    enable_checkpointing: bool | None = None
+    enable_progress_bar: bool | None = True
+    enable_model_summary: bool | None = False
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str | None = None
+    deterministic: Any = False  # bool or "warn"
+    benchmark: bool | None = False
+    inference_mode: bool = True
+    use_distributed_sampler: bool = True
+    profiler: str | None = None  # "simple", "advanced", "pytorch"
+    detect_anomaly: bool = False
+    barebones: bool = False
+    sync_batchnorm: bool = False
+    reload_dataloaders_every_n_epochs: int = 0
 
 
 @dataclass
@@ -76,7 +143,7 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optimizer: Any = MISSING
     scheduler: Any = None
-    trainer: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -85,9 +152,10 @@ class TrainConfig:
     resume: bool = False
     print_config: bool = True
     pictures: bool = True
+    optimized_metric: str | None = "val/silhouette"
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(UserError, ValueError):
     """A config value out of range, with a message naming the key and the fix."""
 
 
@@ -111,8 +179,67 @@ def check_config(cfg: Any) -> None:
         problems.append(f"checkpoint.every_n_train_steps={cfg.checkpoint.every_n_train_steps}: must be >= 1.")
     if cfg.data.batch_size < 2:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (pairs, BatchNorm).")
+    problems += trainer_problems(cfg.trainer)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _batches(value: Any) -> bool:
+    """A number of batches (int >= 0) or a fraction (float in [0, 1]), as Lightning's limits take."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return value >= 0 if isinstance(value, int) else 0.0 <= value <= 1.0
+
+
+def _devices(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int | str):
+        return True
+    return isinstance(value, Sequence) and all(isinstance(d, int) for d in value)
+
+
+def _lightning_precisions() -> set[Any]:
+    """The precision values ``lightning.pytorch.Trainer`` declares (the literals of its annotation)."""
+    from lightning.pytorch import Trainer
+
+    def literals(annotation: Any) -> set[Any]:
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is typing.Literal:
+            return set(args)
+        return set().union(*(literals(a) for a in args)) if args else set()
+
+    return literals(inspect.signature(Trainer.__init__).parameters["precision"].annotation)
+
+
+def trainer_problems(trainer: Any) -> list[str]:
+    """Checks of the :class:`TrainerConfig` fields typed ``Any`` (Lightning takes several types)."""
+    problems = []
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches",
+                "limit_predict_batches", "overfit_batches"):
+        if trainer[key] is not None and not _batches(trainer[key]):
+            problems.append(f"trainer.{key}={trainer[key]!r}: use a number of batches (int >= 0), a "
+                            "fraction (float in [0, 1]) or null.")
+    interval = trainer.val_check_interval
+    if interval is not None and not (_batches(interval) or isinstance(interval, str | Mapping)):
+        problems.append(f"trainer.val_check_interval={interval!r}: use a number of batches (int), a "
+                        'fraction of an epoch (float), a time ("00:01:00:00") or null.')
+    fast = trainer.fast_dev_run
+    if not (isinstance(fast, bool) or isinstance(fast, int) and fast >= 0):
+        problems.append(f"trainer.fast_dev_run={fast!r}: use true, false or a number of batches.")
+    if not _devices(trainer.devices):
+        problems.append(f"trainer.devices={trainer.devices!r}: use a count (2), a list of indices "
+                        '([0,1]) or a string (auto, "0,1", -1).')
+    allowed = _lightning_precisions()
+    if allowed and trainer.precision not in allowed:
+        problems.append(f"trainer.precision={trainer.precision!r}: use one of "
+                        f"{', '.join(sorted(map(str, allowed)))}.")
+    if trainer.max_time is not None and not isinstance(trainer.max_time, str | Mapping):
+        problems.append(f"trainer.max_time={trainer.max_time!r}: use \"DD:HH:MM:SS\", a dict such as "
+                        "{hours: 12}, or null.")
+    if trainer.deterministic not in (True, False, None, "warn"):
+        problems.append(f"trainer.deterministic={trainer.deterministic!r}: use true, false or warn.")
+    return problems
 
 
 def register_configs() -> None:

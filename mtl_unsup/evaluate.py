@@ -3,7 +3,8 @@
 ``python -m mtl_unsup.evaluate ckpt=<run>/checkpoints/last.ckpt data.root=<labelled folder>``
 (or ``mtl-evaluate``) prints Hungarian ACC, NMI and ARI of the clusters, each cluster's size,
 majority class and purity, and the k-nearest-neighbour accuracy of the features, and writes
-``evaluation.json``, ``clusters.csv`` and PNG pictures into the output folder.
+``evaluation.json``, ``clusters.csv`` and PNG pictures into the output folder. The images come
+in through the ``data`` group, as for ``mtl-predict``.
 """
 
 from __future__ import annotations
@@ -13,24 +14,26 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from mtl_unsup.config import CONF_DIR
-from mtl_unsup.data.images import DataError, drop_bad_images, scan_folder
+from mtl_unsup.cli import hydra_command
+from mtl_unsup.config import DataConfig, PathsConfig
+from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import model_from_checkpoint, predict_images
 from mtl_unsup.metrics import score_clustering
-from mtl_unsup.predict import FolderInput, pick_device, refuse_to_overwrite
+from mtl_unsup.predict import pick_device, read_images, refuse_to_overwrite
 from mtl_unsup.visualize import save_pictures
 
 
 @dataclass
 class EvaluateConfig:
     ckpt: str = MISSING
-    data: FolderInput = field(default_factory=lambda: FolderInput(labels="subfolders"))
+    # As for predict; evaluation needs labels, so the class subfolders are demanded by default.
+    data: DataConfig = field(default_factory=lambda: DataConfig(labels="subfolders"))
+    paths: PathsConfig = field(default_factory=PathsConfig)
     out_dir: str = "${hydra:runtime.output_dir}"
     knn_k: int = 20
     pictures: bool = True
@@ -76,11 +79,11 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.overwrite:
         refuse_to_overwrite([out_dir / "evaluation.json", out_dir / "clusters.csv"])
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
-    images = scan_folder(cfg.data.root, labels=cfg.data.labels)
+    images = read_images(cfg.data, "evaluation")
     if not images.has_labels:
-        raise DataError(f"{cfg.data.root} has no class subfolders: evaluation needs labels.")
-    images = drop_bad_images(images, cfg.data.on_bad_image, "evaluation")
-    preds = predict_images(module, train_cfg, images, cfg.data.batch_size, cfg.data.num_workers,
+        raise DataError(f"{cfg.data.root} has no class subfolders: evaluation needs labels. "
+                        "Sort the images into <data.root>/<class>/ folders.")
+    preds = predict_images(module, train_cfg, images, cfg.data.eval_batch_size, cfg.data.num_workers,
                            progress=cfg.progress, device=pick_device(cfg.device))
     labels = np.asarray(images.labels)
     k = int(train_cfg.cluster.k)
@@ -107,7 +110,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+@hydra_command("evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ from tqdm import tqdm
 
 from mtl_unsup.data.dataset import ImageDataset, image_transform
 from mtl_unsup.data.images import ImageList
+from mtl_unsup.errors import UserError
 from mtl_unsup.models.module import MultiTaskModule
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or not one of mtl-unsup's."""
 
 
@@ -65,6 +68,21 @@ class Predictions:
     distance: np.ndarray
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run inference with BatchNorm's running statistics (and no dropout), then restore the mode.
+
+    Lightning leaves a module in training mode after ``fit`` and ``test``; in training mode a
+    prediction would depend on the other images of its batch.
+    """
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def predict_images(
     module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int = 256,
@@ -74,8 +92,15 @@ def predict_images(
 
     The cluster is the clustering head's choice (k-means' when there is no head), confidence its
     softmax probability, distance the whitened feature's distance to that cluster's centroid.
+    Runs in eval mode whatever mode ``module`` is in, and leaves that mode as it was.
     """
     module = module.to(device)
+    with eval_mode(module):
+        return _predict(module, cfg, images, batch_size, num_workers, progress, device)
+
+
+def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int,
+             num_workers: int, progress: bool, device: str | torch.device) -> Predictions:
     dataset = ImageDataset(images, int(cfg.data.channels), image_transform(int(cfg.data.image_size)))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     state = module.cluster_state

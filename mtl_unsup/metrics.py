@@ -1,32 +1,59 @@
-"""Clustering quality against ground truth: Hungarian-matched accuracy, NMI and ARI."""
+"""Clustering quality: against ground truth (Hungarian-matched accuracy, NMI, ARI) and label-free."""
 
 from __future__ import annotations
 
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.clustering import (
-    AdjustedRandScore,
-    ClusterAccuracy,
-    NormalizedMutualInfoScore,
+from torchmetrics.functional.clustering import (
+    adjusted_rand_score,
+    cluster_accuracy,
+    normalized_mutual_info_score,
 )
 
 
-def clustering_metrics(num_clusters: int, num_classes: int) -> MetricCollection:
-    """ACC (best one-to-one cluster-to-class matching), NMI and ARI, synced across ranks."""
-    size = max(num_clusters, num_classes, 2)
-    return MetricCollection({
-        "acc": ClusterAccuracy(num_classes=size),
-        "nmi": NormalizedMutualInfoScore(),
-        "ari": AdjustedRandScore(),
-    })
-
-
 def score_clustering(preds: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """One-shot ACC/NMI/ARI of ``preds`` against ``target`` (entries with target < 0 ignored)."""
+    """ACC (best one-to-one cluster-to-class matching), NMI and ARI of ``preds`` against
+    ``target`` (entries with target < 0 ignored).
+
+    Plain functions of the two tensors: no state, and no collective under DDP (the caller
+    gathers the whole split first), so one rank can score alone.
+    """
     keep = target >= 0
-    preds, target = preds[keep].long(), target[keep].long()
+    preds, target = preds[keep].long().cpu(), target[keep].long().cpu()
     if len(target) == 0:
         return {}
-    metrics = clustering_metrics(int(preds.max()) + 1, int(target.max()) + 1)
-    metrics.update(preds, target)
-    return {k: float(v) for k, v in metrics.compute().items()}
+    size = max(int(preds.max()), int(target.max())) + 1
+    return {
+        "acc": float(cluster_accuracy(preds, target, num_classes=max(size, 2))),
+        "nmi": float(normalized_mutual_info_score(preds, target)),
+        "ari": float(adjusted_rand_score(preds, target)),
+    }
+
+
+# Metric names that read ground-truth labels. They are reported, never used to choose anything
+# (checkpoint, head, k, sweep objective) unless the user names one on purpose.
+LABELLED_NAMES = ("acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari")
+
+
+def reads_labels(metric: str) -> bool:
+    """Whether a logged metric (``val/acc``, ``cluster/train_nmi``, ...) uses ground truth."""
+    return metric.rsplit("/", 1)[-1] in LABELLED_NAMES or metric.startswith("cluster/train_")
+
+
+def silhouette(space: torch.Tensor, clusters: torch.Tensor, sample_size: int = 2000,
+               seed: int = 0) -> float:
+    """Mean silhouette (Rousseeuw, 1987) of ``clusters`` among the rows of ``space``: label-free.
+
+    Near 1 when every point is much closer to its own cluster than to the next one. A single
+    cluster has no silhouette; it scores -1, the worst, so a collapsed model never wins a
+    selection. At most ``sample_size`` points (a seeded sample) keep the cost quadratic in that.
+    """
+    from sklearn.metrics import silhouette_score
+
+    x, labels = space.float().cpu(), clusters.cpu()
+    if len(labels) > sample_size:
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:sample_size]
+        x, labels = x[keep], labels[keep]
+    n_used = len(labels.unique())
+    if n_used < 2 or n_used >= len(labels):
+        return -1.0
+    return float(silhouette_score(x.numpy(), labels.numpy()))

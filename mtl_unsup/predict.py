@@ -6,6 +6,9 @@ centroid) into the output folder; ``save_embeddings=true`` adds ``embeddings.npy
 ``embedding_paths.txt``; ``sort=copy|symlink`` files the images into ``clusters/<cluster>/``.
 Nothing is written outside the output folder, and no existing file is replaced unless
 ``overwrite=true``.
+
+The images come in through the ``data`` group, as for training (``data=folder``, the default, or
+``data=digits``); image size, channels and normalisation always come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,33 +20,33 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from mtl_unsup.config import CONF_DIR
-from mtl_unsup.data.images import drop_bad_images, scan_folder
+from mtl_unsup.cli import hydra_command
+from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig
+from mtl_unsup.data.datamodule import ImageFolderDataModule
+from mtl_unsup.data.images import ImageList, drop_bad_images, scan_folder
+from mtl_unsup.errors import UserError
 from mtl_unsup.inference import Predictions, model_from_checkpoint, predict_images
 
 log = logging.getLogger(__name__)
 SORT_MODES = ("none", "copy", "symlink")
 
 
-@dataclass
-class FolderInput:
-    root: str = MISSING
-    labels: str = "auto"
-    batch_size: int = 256
-    num_workers: int = 0
-    on_bad_image: str = "skip"
+class OutputExistsError(UserError, FileExistsError):
+    """An output file is already there and ``overwrite`` is false."""
 
 
 @dataclass
 class PredictConfig:
     ckpt: str = MISSING
-    data: FolderInput = field(default_factory=FolderInput)
+    # The training schema's data group; only root, builtin, labels, eval_batch_size, num_workers
+    # and on_bad_image are read (image size, channels and normalisation are the checkpoint's).
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     out_dir: str = "${hydra:runtime.output_dir}"
     save_embeddings: bool = False
     sort: str = "none"
@@ -53,6 +56,13 @@ class PredictConfig:
 
 
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
+def read_images(data: DictConfig, purpose: str) -> ImageList:
+    """The images the ``data`` group names (a built-in set is written first), bad files dropped."""
+    ImageFolderDataModule(root=data.root, builtin=data.builtin).prepare_data()
+    images = scan_folder(data.root, labels=data.labels)
+    return drop_bad_images(images, data.on_bad_image, purpose)
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,7 +83,7 @@ def output_paths(out_dir: Path, save_embeddings: bool, sort: str) -> list[Path]:
 def refuse_to_overwrite(paths: list[Path]) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"Would overwrite {', '.join(existing)}. Choose another out_dir (or hydra.run.dir), "
             "or pass overwrite=true."
         )
@@ -110,13 +120,13 @@ def write_outputs(out_dir: Path, root: Path, paths: list[Path], preds: Predictio
 
 def predict(cfg: DictConfig) -> Path:
     if cfg.sort not in SORT_MODES:
-        raise ValueError(f"sort={cfg.sort!r} is not one of {', '.join(SORT_MODES)}.")
+        raise ConfigValueError(f"sort={cfg.sort!r} is not one of {', '.join(SORT_MODES)}.")
     out_dir, root = Path(cfg.out_dir), Path(cfg.data.root).expanduser()
     if not cfg.overwrite:
         refuse_to_overwrite(output_paths(out_dir, cfg.save_embeddings, cfg.sort))
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
-    images = drop_bad_images(scan_folder(root, labels="none"), cfg.data.on_bad_image, "predict")
-    preds = predict_images(module, train_cfg, images, cfg.data.batch_size, cfg.data.num_workers,
+    images = read_images(cfg.data, "predict")
+    preds = predict_images(module, train_cfg, images, cfg.data.eval_batch_size, cfg.data.num_workers,
                            progress=cfg.progress, device=pick_device(cfg.device))
     write_outputs(out_dir, root, list(images.paths), preds, cfg.save_embeddings, cfg.sort)
     sizes = np.bincount(preds.clusters, minlength=int(train_cfg.cluster.k))
@@ -125,7 +135,7 @@ def predict(cfg: DictConfig) -> Path:
     return out_dir / "predictions.csv"
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+@hydra_command("predict")
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

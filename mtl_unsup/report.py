@@ -18,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from mtl_unsup.cli import exit_2_on_user_errors
+from mtl_unsup.errors import UserError
+
 DEFAULT_METRICS = ("test/acc", "test/nmi", "test/ari", "test/kmeans_acc", "train/acc")
 IGNORED_KEYS = ("seed", "hydra.", "trainer.enable_progress_bar", "print_config")
 
@@ -98,7 +101,8 @@ def report(sweep_dir: str | Path, metrics: list[str] | None = None) -> str:
     sweep_dir = Path(sweep_dir)
     jobs = find_jobs(sweep_dir)
     if not jobs:
-        raise SystemExit(f"No Hydra job directories (with .hydra/overrides.yaml) below {sweep_dir}.")
+        raise UserError(f"No Hydra job directories (with .hydra/overrides.yaml) below {sweep_dir}. "
+                        "Name a multirun directory, e.g. outputs/multirun/<time>.")
     if metrics is None:
         present = {m for j in jobs if j.metrics for m in j.metrics}
         metrics = [m for m in DEFAULT_METRICS if m in present]
@@ -127,6 +131,7 @@ def report(sweep_dir: str | Path, metrics: list[str] | None = None) -> str:
     return text
 
 
+@exit_2_on_user_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="a multirun directory, e.g. outputs/multirun/<time>")

@@ -3,23 +3,47 @@
 ``resume=true`` continues ``<run dir>/checkpoints/last.ckpt``; when the run directory is new
 (Hydra names it by the time), it continues the newest unfinished run of the same command: a
 sibling directory with the same overrides, a ``last.ckpt`` and no ``metrics.json``.
+
+A SLURM job that was requeued (timed out or preempted; submitit re-runs the same call into the
+same run directory) continues its own unfinished run from its ``last.ckpt`` without being told.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+
+from mtl_unsup.errors import UserError
 
 log = logging.getLogger(__name__)
 
 IGNORED = ("resume=", "ckpt_path=", "hydra.run.dir=", "hydra.sweep.dir=")
 
 
-class RunDirError(FileExistsError):
+class RunDirError(UserError, FileExistsError):
     """The run directory already holds another run's results."""
+
+
+class MissingCheckpointError(UserError, FileNotFoundError):
+    """``ckpt_path`` names no file."""
+
+
+def slurm_restart_count() -> int:
+    """How often SLURM has restarted this job (``SLURM_RESTART_COUNT``, set on a requeue); 0 if never."""
+    value = os.environ.get("SLURM_RESTART_COUNT", "")
+    return int(value) if value.isdigit() else 0
+
+
+def requeued_run(out_dir: Path) -> Path | None:
+    """``last.ckpt`` of ``out_dir`` when this is a requeued SLURM job whose run there is unfinished."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if slurm_restart_count() >= 1 and last.is_file() and not (out_dir / "metrics.json").exists():
+        return last
+    return None
 
 
 def _same_command(overrides: list[str]) -> list[str]:
@@ -54,10 +78,15 @@ def holds_a_run(out_dir: Path) -> bool:
 
 def resolve_start(ckpt_path: str | None, resume: bool, out_dir: Path) -> tuple[str | None, Path]:
     """The checkpoint to start from (None: from scratch) and the directory to write into."""
+    requeued = requeued_run(out_dir)
+    if requeued is not None:  # before ckpt_path: the run's own last.ckpt is newer
+        log.info("SLURM requeued this job (restart %d): continuing its run from %s",
+                 slurm_restart_count(), requeued)
+        return str(requeued), out_dir
     if ckpt_path:
         path = Path(ckpt_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist. Point it at a .ckpt file.")
+            raise MissingCheckpointError(f"ckpt_path={ckpt_path!r} does not exist. Point it at a .ckpt file.")
         if holds_a_run(out_dir) and not resume:
             raise RunDirError(
                 f"{out_dir} already holds a run. Add resume=true to continue in it, or choose a "

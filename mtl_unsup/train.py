@@ -7,11 +7,11 @@ Run ``python -m mtl_unsup.train`` (digits, the default) or, for instance,
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import numpy as np
 import torch
@@ -20,17 +20,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl_unsup.cli import hydra_command
 from mtl_unsup.clustering.callback import PseudoLabelCallback
-from mtl_unsup.config import CONF_DIR, check_config, register_configs
+from mtl_unsup.config import check_config, register_configs
+from mtl_unsup.console import quiet_third_party
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import predict_images
+from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
+from mtl_unsup.schedule import check_schedule
 from mtl_unsup.visualize import save_pictures
 
+log = logging.getLogger(__name__)
 register_configs()
+quiet_third_party()
 
 
 def build_tasks(cfg: DictConfig) -> dict[str, Any]:
@@ -52,14 +58,36 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return datamodule
 
 
-def build_callbacks(
-    cfg: DictConfig, has_val_labels: bool, has_head: bool
-) -> tuple[list[L.Callback], ModelCheckpoint]:
-    """Pseudo-labels, ``last.ckpt`` every few steps (for resuming), and the best checkpoint."""
+def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule) -> None:
+    """The checkpoint monitor and the sweep objective: label-free unless named on purpose.
+
+    A metric that reads ground-truth labels is allowed only when the user names it, and the run
+    says so; one that cannot exist for this data (no validation split, no labels) stops the run.
+    """
+    for key in ("checkpoint.monitor", "optimized_metric"):
+        metric = OmegaConf.select(cfg, key)
+        if not metric:
+            continue
+        split = metric.split("/", 1)[0]
+        if split in ("val", "test", "train") and split not in datamodule.splits:
+            raise DataError(
+                f"{key}={metric} needs a {split} split, and this data has none "
+                f"({', '.join(datamodule.splits)}). Choose a metric of another split, e.g. "
+                f"{key}=train/silhouette, or give the data a {split} split (data.val_fraction).")
+        if reads_labels(metric):
+            if not datamodule.has_labels:
+                raise DataError(f"{key}={metric} reads ground-truth labels, and these images have "
+                                "none. Choose a label-free metric such as val/silhouette.")
+            warn = rank_zero_only(log.warning)
+            warn("%s=%s reads ground-truth labels: what it chooses is chosen with labels and is "
+                 "not an unsupervised result.", key, metric)
+
+
+def build_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], ModelCheckpoint]:
+    """Pseudo-labels, ``last.ckpt`` every few steps (for resuming), and the best checkpoint by
+    ``checkpoint.monitor`` when one is named (none by default: ``last.ckpt`` is the model)."""
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
-    monitor = cfg.checkpoint.monitor if has_val_labels else None
-    if monitor and not has_head:  # no clustering head: its metrics are those of k-means
-        monitor = monitor.replace("/", "/kmeans_", 1) if "kmeans" not in monitor else monitor
+    monitor = cfg.checkpoint.monitor
     last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint.every_n_train_steps)
     callbacks: list[L.Callback] = [
@@ -88,9 +116,10 @@ def flatten_results(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def format_table(metrics: dict[str, float]) -> str:
-    """Rows per split; columns ACC/NMI/ARI of the clustering head and of k-means on features."""
-    cols = ["acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari"]
-    splits = [s for s in ("test", "train") if any(k.startswith(f"{s}/") for k in metrics)]
+    """Rows per split; label-free silhouette, then ACC/NMI/ARI of the clustering head and of
+    k-means on the features (ground truth, reported only)."""
+    cols = ["silhouette", "acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari"]
+    splits = [s for s in ("test", "val", "train") if any(k.startswith(f"{s}/") for k in metrics)]
     lines = ["| split | " + " | ".join(c.replace("_", " ").upper() for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for split in splits:
@@ -122,6 +151,34 @@ def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
                   preds.features, labels, images.classes, out_dir / "csv" / "metrics.csv")
 
 
+def check_checkpoint_data(ckpt_path: str, resuming: bool, run: Run) -> None:
+    """A checkpoint's pseudo-labels must belong to these training images, or be dropped.
+
+    Resuming a run on other images stops, naming both folders. Starting a new run from a
+    checkpoint of other images (``ckpt_path=``) keeps its weights and clusters afresh.
+    """
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = ckpt.get("cluster_state")
+    if not state:
+        return
+    datamodule = run.datamodule
+    saved = state.get("fingerprint") or ""
+    same = saved == datamodule.fingerprint if saved else len(state["labels"]) == datamodule.num_train
+    if same:
+        return
+    then = (ckpt.get("mtl_config") or {}).get("data", {}).get("root", "?")
+    what = (f"{ckpt_path} holds pseudo-labels of other training images ({then}: "
+            f"{len(state['labels'])} images) than this run's ({datamodule.describe()}: "
+            f"{datamodule.num_train} images, or another split of them)")
+    if resuming:
+        raise DataError(f"{what}. Resume with the data (data.root, split settings) the run was "
+                        "started with, or start a new run from its weights with ckpt_path=... "
+                        "(without resume=true), which clusters the new images afresh.")
+    rank_zero_only(log.warning)("%s: its weights are used, its clustering is not; the new images "
+                                "are clustered afresh.", what)
+    run.module.ignore_checkpoint_clustering = True
+
+
 @dataclass
 class Run:
     """Everything one training run is made of, built and checked before any training."""
@@ -139,15 +196,18 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule = build_datamodule(cfg)
     tasks = build_tasks(cfg)
     backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
+    check_selection(cfg, datamodule)
+    check_schedule(cfg, tasks)
     module = MultiTaskModule(
         backbone, tasks, num_clusters=cfg.cluster.k, optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-        num_classes=datamodule.num_classes, eval_splits=tuple(datamodule.eval_splits()),
+        eval_splits=tuple(datamodule.eval_splits()),
         augmentations=datamodule.augmentations, mean=datamodule.mean, std=datamodule.std,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
+        cluster_settings={"pca_dim": cfg.cluster.pca_dim, "niter": cfg.cluster.niter,
+                          "nredo": cfg.cluster.nredo},
     )
-    has_val_labels = datamodule.has_labels and "val" in datamodule.splits
-    callbacks, checkpoint = build_callbacks(cfg, has_val_labels, module.cluster_task is not None)
+    callbacks, checkpoint = build_callbacks(cfg)
     logger = instantiate(cfg.logger) if cfg.logger else False
     extra = {}
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
@@ -170,9 +230,12 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
     write_run_info(out_dir)
     run = build_run(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    if ckpt_path:  # resuming: resume=true, or a requeued job continuing its own run
+        resuming = bool(cfg.resume) or Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
+        check_checkpoint_data(ckpt_path, resuming, run)
     trainer.callbacks.extend(extra_callbacks)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLossError as err:
         last = out_dir / "checkpoints" / "last.ckpt"
         kept = (f"The last good checkpoint is {last}; continue from it with resume=true "
@@ -181,7 +244,7 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
         raise NonFiniteLossError(f"{err} {kept}") from None
     # The final clustering (refreshed at the end of fit) goes into last.ckpt with the final weights.
     last_path = out_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last_path)
+    trainer.save_checkpoint(last_path, weights_only=False)
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -189,16 +252,21 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
             draw_pictures(out_dir, module, cfg, datamodule)
         print(format_table(metrics))
         print(f"run dir:    {out_dir}")
-        best = run.checkpoint.best_model_path if run.checkpoint.monitor else ""
-        print(f"checkpoint: {last_path}" + (f" (best by {run.checkpoint.monitor}: {best})" if best else ""))
+        monitor = run.checkpoint.monitor
+        best = run.checkpoint.best_model_path if monitor else ""
+        chosen = " (chosen with ground-truth labels)" if monitor and reads_labels(monitor) else ""
+        print(f"checkpoint: {last_path}")
+        if best:
+            print(f"            best by {monitor}{chosen}: {best}")
         print(f"metrics:    {out_dir / 'metrics.json'}")
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra_command("train")  # a user's mistake: one message, exit status 2
 def main(cfg: DictConfig) -> float | None:
+    """Train; return ``optimized_metric`` (label-free by default) for a Hydra sweeper."""
     metrics = train(cfg)
-    return metrics.get("test/acc")
+    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 
 
 if __name__ == "__main__":

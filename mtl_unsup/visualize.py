@@ -97,7 +97,8 @@ def training_curves(metrics_csv: Path, out: Path) -> Path:
         epoch = int(float(row.get("epoch") or 0))
         for key, value in row.items():
             if value and (key.startswith("train/loss") or key in (
-                    "cluster/train_acc", "cluster/train_nmi", "val/acc", "val/nmi", "val/kmeans_acc")):
+                    "cluster/train_acc", "cluster/train_nmi", "val/acc", "val/nmi", "val/kmeans_acc",
+                    "val/silhouette")):
                 series.setdefault(key, {})[epoch] = float(value)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, points in sorted(series.items()):
@@ -105,7 +106,7 @@ def training_curves(metrics_csv: Path, out: Path) -> Path:
         epochs = sorted(points)
         ax.plot(epochs, [points[e] for e in epochs], label=key, marker="." if len(epochs) < 30 else None)
     left.set_title("losses (weighted sum and per task)")
-    right.set_title("clustering quality (labels used for evaluation only)")
+    right.set_title("clustering quality (silhouette label-free; the rest read labels, reported only)")
     for ax in (left, right):
         ax.set_xlabel("epoch")
         if ax.lines:

@@ -111,7 +111,7 @@ def test_split_subfolders_are_used_as_splits(tmp_path):
     # test comes from its folder; val, having none, is cut from train
     assert len(dm.splits["test"]) == 6 and len(dm.splits["val"]) == 3 and dm.num_train == 12
     assert dm.splits["train"].classes == ("class_0", "class_1", "class_2")
-    assert dm.eval_splits() == ["test", "train"]
+    assert dm.eval_splits() == ["test", "val", "train"]
 
 
 def test_seeded_split_is_disjoint_complete_and_reproducible():

@@ -7,14 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mtl_unsup.errors import UserError
 from mtl_unsup.evaluate import EvaluateConfig, evaluate, knn_accuracy
 from mtl_unsup.inference import CheckpointError, model_from_checkpoint
 from mtl_unsup.predict import PredictConfig, predict
 from mtl_unsup.train import train
 
-from .conftest import compose_cfg, tiny_folder_overrides, write_shapes
+from .conftest import CONF_DIR, compose_cfg, tiny_folder_overrides, write_shapes
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,11 @@ def test_predict_never_overwrites_without_being_told(trained, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "predictions.csv").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite=true"):
+    with pytest.raises(UserError, match="overwrite=true"):  # the command: message alone, exit 2
         predict(predict_cfg(ckpt=str(trained), **{"data.root": str(folder)}, out_dir=str(out)))
+    with pytest.raises(UserError, match="sort='shuffle' is not one of none, copy, symlink"):
+        predict(predict_cfg(ckpt=str(trained), **{"data.root": str(folder)}, out_dir=str(out),
+                            overwrite=True, sort="shuffle"))
     assert (out / "predictions.csv").read_text() == "mine"
     predict(predict_cfg(ckpt=str(trained), **{"data.root": str(folder)}, out_dir=str(out),
                         overwrite=True))
@@ -94,6 +99,35 @@ def test_evaluate_reports_scores_cluster_table_and_pictures(trained, tmp_path):
     assert len(table) == 3 and sum(int(r["size"]) for r in table) == 30
     assert all(0 <= float(r["purity"]) <= 1 for r in table)
     assert (tmp_path / "ev" / "confusion.png").is_file() and (tmp_path / "ev" / "cluster_grid.png").is_file()
+
+
+def compose_command(name: str, overrides: list[str], out_dir: Path) -> OmegaConf:
+    """The config of ``mtl-predict`` / ``mtl-evaluate`` as the command line composes it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    cfg.out_dir, cfg.progress = str(out_dir), False
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["predict", "evaluate"])
+def test_predict_and_evaluate_take_the_data_group_as_training_does(trained, tmp_path, name):
+    folder = write_shapes(tmp_path / "labelled", per_class=4, seed=3)
+    chosen = compose_command(name, [f"ckpt={trained}", "data=folder", f"data.root={folder}",
+                                    "data.eval_batch_size=5"], tmp_path / "out")
+    plain = compose_command(name, [f"ckpt={trained}", f"data.root={folder}"], tmp_path / "out")
+    assert chosen.data.root == plain.data.root == str(folder) and chosen.data.eval_batch_size == 5
+    assert chosen.data.labels == ("subfolders" if name == "evaluate" else "auto")
+    if name == "predict":
+        assert len(predict(chosen).read_text().splitlines()) == 1 + 12
+    else:
+        assert evaluate(chosen)["eval/images"] == 12
+
+
+def test_predict_on_the_builtin_digits(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTL_UNSUP_CACHE", str(tmp_path / "cache"))
+    cfg = compose_command("predict", [f"ckpt={trained}", "data=digits"], tmp_path / "out")
+    rows = predict(cfg).read_text().splitlines()  # the digits are written first
+    assert len(rows) == 1 + 1797 and (tmp_path / "cache" / "digits" / "9").is_dir()
 
 
 def test_knn_accuracy_on_separable_and_random_features():

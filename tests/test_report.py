@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mtl_unsup.errors import UserError
 from mtl_unsup.report import main, report
 
 
@@ -38,6 +39,11 @@ def test_groups_by_swept_keys_other_than_seed_with_mean_std_and_count(tmp_path, 
     assert rows[1]["runs_done"] == "2" and rows[1]["runs"] == "3"
 
 
-def test_an_empty_directory_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="No Hydra job"):
+def test_an_empty_directory_is_an_error(tmp_path, capsys):
+    with pytest.raises(UserError, match="No Hydra job"):
         report(tmp_path)
+    with pytest.raises(SystemExit) as done:  # the command: the message alone, exit status 2
+        main([str(tmp_path)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: No Hydra job directories") and str(tmp_path) in err

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional.clustering import normalized_mutual_info_score
 
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features, matching_permutation
+from mtl_unsup.distributed import gather_rows
+from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import score_clustering
 
 
@@ -20,27 +24,23 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     """
     datamodule = trainer.datamodule
     loader = datamodule.cluster_dataloader(trainer.world_size, trainer.global_rank)
-    was_training = module.training
-    module.eval()
     feats, indices = [], []
-    try:
-        with trainer.precision_plugin.forward_context():
-            for batch in loader:
-                feats.append(module.features(batch["image"].to(module.device)).float())
-                indices.append(batch["index"].to(module.device))
-    finally:
-        module.train(was_training)
-    features, index = torch.cat(feats), torch.cat(indices)
-    if trainer.world_size > 1:
-        features = module.all_gather(features).flatten(0, 1)
-        index = module.all_gather(index).flatten(0, 1)
+    with eval_mode(module), trainer.precision_plugin.forward_context():
+        for batch in loader:
+            feats.append(module.features(batch["image"].to(module.device)).float())
+            indices.append(batch["index"].to(module.device))
+    features, index = gather_rows(torch.cat(feats)), gather_rows(torch.cat(indices))
     out = torch.empty(datamodule.num_train, features.shape[1])
     out[index.cpu()] = features.cpu()
     return out
 
 
 class PseudoLabelCallback(L.Callback):
-    """Every ``every_n_epochs`` epochs, cluster the training set and hand the labels to the module.
+    """Cluster the training set when a task reads the result, and hand the labels to the module.
+
+    The first clustering happens at the epoch the clustering task starts, then every
+    ``every_n_epochs`` epochs; no k-means runs while no task reads its labels. At the end of
+    training the final features are clustered once more, for evaluation and prediction.
 
     The recipe: features without augmentation -> PCA-whitening -> L2 -> FAISS k-means (no cluster
     left empty) -> the module's clustering head is re-initialised. Clustering runs on rank 0 and is
@@ -66,7 +66,8 @@ class PseudoLabelCallback(L.Callback):
         self.k, self.pca_dim, self.niter, self.nredo = k, pca_dim, niter, nredo
         self.every_n_epochs, self.seed, self.warm_start = every_n_epochs, seed, warm_start
 
-    def refresh(self, trainer: L.Trainer, module: L.LightningModule, reset_head: bool) -> dict:
+    def refresh(self, trainer: L.Trainer, module: L.LightningModule, reset_head: bool,
+                head_init: str | None = None) -> dict:
         """Re-cluster now; returns statistics of the new assignment.
 
         Without ``reset_head`` (the final clustering) the new clusters are renamed to agree with
@@ -82,6 +83,7 @@ class PseudoLabelCallback(L.Callback):
         if trainer.is_global_zero:
             state = cluster_features(features, self.k, self.pca_dim, self.niter, self.nredo,
                                      seed=self.seed + epoch, epoch=epoch, init_labels=init)
+            state = dataclasses.replace(state, fingerprint=trainer.datamodule.fingerprint)
             task = module.cluster_task
             if not reset_head and task is not None:
                 with torch.no_grad():
@@ -89,7 +91,7 @@ class PseudoLabelCallback(L.Callback):
                 state = state.relabelled(matching_permutation(state.labels, head, state.k))
         state = trainer.strategy.broadcast(state, src=0)
         stats = self._stats(trainer, module.cluster_state, state)
-        module.set_cluster_state(state, reset_head=reset_head)
+        module.set_cluster_state(state, reset_head=reset_head, head_init=head_init)
         return stats
 
     def _stats(self, trainer: L.Trainer, old: ClusterState | None, new: ClusterState) -> dict:
@@ -103,12 +105,21 @@ class PseudoLabelCallback(L.Callback):
                 stats[f"cluster/train_{name}"] = torch.tensor(value)
         return {k: float(v) for k, v in stats.items()}
 
-    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def due(self, module: L.LightningModule, epoch: int) -> bool:
+        """Whether ``epoch`` starts with a fresh clustering."""
+        task = module.cluster_task
+        if task is None or not task.active(epoch):
+            return False  # nobody reads pseudo-labels this epoch: no k-means
         state = module.cluster_state
+        if state is None or state.epoch < task.start_epoch:
+            return True  # the task starts (or restarts from a checkpoint without labels)
+        return state.epoch != epoch and (epoch - task.start_epoch) % self.every_n_epochs == 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        due = epoch % self.every_n_epochs == 0
-        if state is not None and (state.epoch == epoch or not due):
-            if module.cluster_task is not None and module.cluster_task.pseudo_labels is None:
+        if not self.due(module, epoch):
+            task, state = module.cluster_task, module.cluster_state
+            if task is not None and task.pseudo_labels is None and state is not None:
                 module.set_cluster_state(state, reset_head=False)
             return
         stats = self.refresh(trainer, module, reset_head=True)
@@ -118,5 +129,17 @@ class PseudoLabelCallback(L.Callback):
                        + ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in stats.items()))
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """Final assignment with the final weights, so k-means evaluation matches the model."""
-        self.refresh(trainer, module, reset_head=False)
+        """Final assignment with the final weights, so k-means evaluation matches the model.
+
+        A clustering head that never trained (the run ended before its task started) would be
+        a stale answer: it becomes the nearest-centroid classifier of this final k-means.
+        """
+        task = module.cluster_task
+        untrained = task is not None and int(task.trained_steps) == 0
+        self.refresh(trainer, module, reset_head=untrained, head_init="centroids")
+        if untrained:
+            rank_zero_info(
+                f"The clustering head never trained (its task starts at epoch {task.start_epoch}, "
+                f"training ended at epoch {trainer.current_epoch}): it now predicts the final "
+                "k-means clusters, and its scores are those of k-means."
+            )

@@ -23,6 +23,8 @@ class ClusterState:
         pca_mean: ``(D,)`` mean of the raw features.
         pca_proj: ``(D, d)`` whitening projection (identity when PCA is off).
         epoch: training epoch at which the clustering was computed.
+        fingerprint: of the training image list the labels belong to (see
+            :func:`~mtl_unsup.data.images.ImageList.fingerprint`); empty when unknown.
     """
 
     labels: torch.Tensor
@@ -30,6 +32,7 @@ class ClusterState:
     pca_mean: torch.Tensor
     pca_proj: torch.Tensor
     epoch: int = 0
+    fingerprint: str = ""
 
     @property
     def k(self) -> int:
@@ -54,11 +57,11 @@ class ClusterState:
         centroids = torch.empty_like(self.centroids)
         centroids[permutation] = self.centroids
         return ClusterState(permutation[self.labels], centroids, self.pca_mean, self.pca_proj,
-                            self.epoch)
+                            self.epoch, self.fingerprint)
 
     def state_dict(self) -> dict:
         return {"labels": self.labels, "centroids": self.centroids, "pca_mean": self.pca_mean,
-                "pca_proj": self.pca_proj, "epoch": self.epoch}
+                "pca_proj": self.pca_proj, "epoch": self.epoch, "fingerprint": self.fingerprint}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> ClusterState:

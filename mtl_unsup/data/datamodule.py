@@ -116,6 +116,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
+        self._fingerprint: str | None = None
 
     def _augmenter(self, transforms: Sequence[nn.Module]) -> nn.Module:
         seq = nn.Sequential(*transforms)
@@ -168,6 +169,17 @@ class ImageFolderDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.splits["train"].classes)
 
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the training image list, which pseudo-labels are indexed by."""
+        if self._fingerprint is None:
+            self._fingerprint = self.splits["train"].fingerprint()
+        return self._fingerprint
+
+    def describe(self) -> str:
+        """Where the training images come from, for messages."""
+        return str(Path(self.root).expanduser())
+
     def train_labels(self) -> torch.Tensor:
         """Ground truth of the training set, for logging clustering quality only."""
         return torch.tensor(self.splits["train"].labels, dtype=torch.long)
@@ -200,8 +212,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
 
     def eval_splits(self) -> list[str]:
-        """Splits evaluated at test time: held-out test (if any), then train."""
-        return [s for s in ("test", "train") if s in self.splits]
+        """Splits evaluated after training: held-out test and validation (if any), then train."""
+        return [s for s in ("test", "val", "train") if s in self.splits]
 
     def val_dataloader(self) -> list[DataLoader] | DataLoader:
         if "val" not in self.splits:

@@ -10,7 +10,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mtl_unsup.errors import UserError
+
 NUM_DIGITS = 1797
+
+
+class ForeignFolderError(UserError, FileExistsError):
+    """The digits cache path holds files mtl-unsup did not write; they are left alone."""
 
 
 def write_digits_folder(root: str | Path) -> Path:
@@ -25,9 +31,9 @@ def write_digits_folder(root: str | Path) -> Path:
     if root.is_dir() and sum(1 for _ in root.glob("*/*.png")) == NUM_DIGITS:
         return root
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(
-            f"{root} exists but does not hold the {NUM_DIGITS} digit images. "
-            "It was not written by mtl-unsup: move it away or set paths.cache_dir elsewhere."
+        raise ForeignFolderError(
+            f"{root} exists but does not hold the {NUM_DIGITS} digit images. It was not written "
+            "by mtl-unsup: move it away, or set paths.cache_dir (or MTL_UNSUP_CACHE) elsewhere."
         )
     digits = load_digits()
     pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)

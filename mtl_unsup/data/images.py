@@ -6,6 +6,7 @@ instead of crashing a data-loader worker in the middle of an epoch.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import warnings
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mtl_unsup.errors import UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
@@ -23,7 +26,7 @@ IMAGE_EXTENSIONS = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with the user's images or folders, with a message that says how to fix it."""
 
 
@@ -46,6 +49,22 @@ class ImageList:
         return ImageList(
             tuple(self.paths[i] for i in keep), tuple(self.labels[i] for i in keep), self.classes
         )
+
+    def fingerprint(self) -> str:
+        """A digest of the list, in order: each file's path below the common folder and its size.
+
+        Pseudo-labels are stored by position in this list; the digest tells whether a checkpoint's
+        labels belong to these images (moving the whole folder elsewhere keeps it).
+        """
+        digest = hashlib.sha256()
+        common = Path(os.path.commonpath(self.paths)) if self.paths else Path()
+        for path in self.paths:
+            try:
+                size = path.stat().st_size
+            except OSError:
+                size = -1
+            digest.update(f"{path.relative_to(common).as_posix()}\0{size}\n".encode())
+        return digest.hexdigest()[:16]
 
 
 def is_image_file(path: Path) -> bool:

@@ -11,8 +11,10 @@ import torch
 import torchvision
 from torch import nn
 
+from mtl_unsup.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A wrong configuration value, with a message naming the key and the fix."""
 
 

@@ -6,16 +6,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
-from mtl_unsup.clustering.kmeans import ClusterState
-from mtl_unsup.metrics import clustering_metrics
+from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
+from mtl_unsup.errors import UserError
+from mtl_unsup.models.evaluation import SplitRecorder, score_split
 from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the run stops with its last good checkpoint kept."""
 
 
@@ -28,11 +30,13 @@ class MultiTaskModule(L.LightningModule):
         num_clusters: k, the size of the clustering head and of k-means.
         optimizer: partial optimizer taking the parameters (None for inference only).
         scheduler: optional partial LR scheduler taking the optimizer (stepped every epoch).
-        num_classes: ground-truth classes for evaluation (0 when unlabelled).
         eval_splits: names of the test dataloaders, in order.
         augmentations: name -> batched augmentation module; tasks ask for views by name.
         mean, std: per-channel normalisation applied after augmentation (and to plain images).
         config: the composed run config, stored in checkpoints for later tools.
+        seed: the run's seed; with the rank, epoch and batch it seeds each training step.
+        cluster_settings: ``pca_dim``, ``niter`` and ``nredo`` of the clustering, used to score
+            validation with k-means fitted on the current validation features.
     """
 
     def __init__(
@@ -42,12 +46,13 @@ class MultiTaskModule(L.LightningModule):
         num_clusters: int,
         optimizer: Callable[..., torch.optim.Optimizer] | None,
         scheduler: Callable[..., Any] | None = None,
-        num_classes: int = 0,
         eval_splits: tuple[str, ...] = ("test",),
         augmentations: Mapping[str, nn.Module] | None = None,
         mean: Sequence[float] = (0.5,),
         std: Sequence[float] = (0.5,),
         config: dict | None = None,
+        seed: int = 0,
+        cluster_settings: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -65,11 +70,12 @@ class MultiTaskModule(L.LightningModule):
         self.eval_splits = tuple(eval_splits)
         self.config = config or {}
         self.cluster_state: ClusterState | None = None
-        splits = ("val", *self.eval_splits)
-        self.metrics = nn.ModuleDict({
-            f"{split}_{kind}": clustering_metrics(num_clusters, num_classes)
-            for split in splits for kind in ("head", "kmeans")
-        })
+        self.seed = int(seed)
+        self.cluster_settings = dict(cluster_settings or {"pca_dim": 32, "niter": 20, "nredo": 1})
+        self.recorders = {s: SplitRecorder(backbone.feature_dim) for s in ("val", *self.eval_splits)}
+        # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
+        # its weights are used, its pseudo-labels are not.
+        self.ignore_checkpoint_clustering = False
 
     def _view_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -105,15 +111,17 @@ class MultiTaskModule(L.LightningModule):
     def cluster_task(self) -> Task | None:
         return next((t for t in self.tasks.values() if t.needs_pseudo_labels), None)
 
-    def set_cluster_state(self, state: ClusterState, reset_head: bool = True) -> None:
-        """Adopt new pseudo-labels; with ``reset_head`` the clustering head starts afresh."""
+    def set_cluster_state(self, state: ClusterState, reset_head: bool = True,
+                          head_init: str | None = None) -> None:
+        """Adopt new pseudo-labels; with ``reset_head`` the clustering head starts afresh
+        (as the task's ``head_init`` says, unless ``head_init`` is given)."""
         self.cluster_state = state
         task = self.cluster_task
         if task is None:
             return
         task.set_pseudo_labels(state.labels)
         if reset_head:
-            task.reset_head(state)
+            task.reset_head(state, head_init)
             if self._trainer is not None:
                 head = set(task.head.parameters())
                 for optimizer in self.trainer.optimizers:
@@ -124,10 +132,19 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def step_seed(self, batch_idx: int) -> int:
+        """Seed of one training step: distinct per rank, reproducible from the run's seed."""
+        key = [self.seed, self.global_rank, self.current_epoch, batch_idx]
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         active = {n: t for n, t in self.tasks.items() if t.active(self.current_epoch)}
         if not active:  # e.g. only a cluster task still in its warm-up: nothing to learn yet
             return None
+        # Augmentations and random tasks draw from the global RNG: each rank draws its own
+        # crops, and a step's draws depend on nothing but (seed, rank, epoch, batch), which also
+        # makes a resumed run draw what the interrupted one would have.
+        torch.manual_seed(self.step_seed(batch_idx))
         # Only views and indices go to the tasks: ground-truth labels never reach a loss.
         task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone)
         total = torch.zeros((), device=self.device)
@@ -168,39 +185,52 @@ class MultiTaskModule(L.LightningModule):
         return out
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
-        labels = batch["label"]
-        keep = labels >= 0
-        if not keep.any():
-            return
         out = self.predict_clusters(batch["image"])
+        record = {"index": batch["index"], "label": batch["label"], "features": out["features"].float()}
         if "logits" in out:
-            self.metrics[f"{split}_head"].update(out["logits"].argmax(1)[keep], labels[keep])
-        if "kmeans" in out:
-            self.metrics[f"{split}_kmeans"].update(out["kmeans"].to(labels.device)[keep], labels[keep])
+            record["head"] = out["logits"].argmax(1)
+        if "kmeans" in out and self._kmeans_from_state():
+            record["kmeans"] = out["kmeans"].to(self.device)
+        self.recorders[split].add(**record)
 
-    def _eval_epoch_end(self, splits: tuple[str, ...]) -> None:
-        for split in splits:
-            for kind, prefix in (("head", ""), ("kmeans", "kmeans_")):
-                metric = self.metrics[f"{split}_{kind}"]
-                if not any(m.update_count for m in metric.values()):
-                    continue
-                values = metric.compute()
-                metric.reset()
-                for name, value in values.items():
-                    self.log(f"{split}/{prefix}{name}", value.float(), prog_bar=split == "val"
-                             and kind == "head" and name == "acc", sync_dist=False)
+    def _eval_epoch_end(self, split: str) -> None:
+        keys = ("index", "label", "features")
+        if self.cluster_task is not None:
+            keys += ("head",)
+        if self._kmeans_from_state():
+            keys += ("kmeans",)
+        out = self.recorders[split].collect(self, keys)  # a collective: every rank enters it
+        scores = None
+        if self.trainer.is_global_zero:
+            fit = None if self._kmeans_from_state() else self._fit_kmeans
+            scores = score_split(split, out, self.cluster_settings.get("pca_dim"), self.seed, fit)
+        scores = self.trainer.strategy.broadcast(scores, src=0)
+        for name, value in sorted(scores.items()):
+            self.log(name, float(value), prog_bar=name == "val/acc", sync_dist=True)
+
+    def _kmeans_from_state(self) -> bool:
+        """Testing after fit: the final clustering is current, its centroids assign the split.
+        Validating during fit: the clustering may be epochs old, so k-means is fitted afresh."""
+        return self.trainer.testing and self.cluster_state is not None
+
+    def _fit_kmeans(self, features: torch.Tensor) -> torch.Tensor:
+        """k-means of the current validation features."""
+        k = min(self.num_clusters, len(features))
+        settings = {key: self.cluster_settings[key] for key in ("pca_dim", "niter", "nredo")}
+        return cluster_features(features, k, seed=self.seed, **settings).labels
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end(("val",))
+        self._eval_epoch_end("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, self.eval_splits[dataloader_idx])
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end(self.eval_splits)
+        for split in self.eval_splits:
+            self._eval_epoch_end(split)
 
     # ------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -212,7 +242,7 @@ class MultiTaskModule(L.LightningModule):
         checkpoint["rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "cluster_state" in checkpoint:
+        if "cluster_state" in checkpoint and not self.ignore_checkpoint_clustering:
             self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
                                    reset_head=False)
         self._rng_to_restore = checkpoint.get("rng_states")

@@ -4,28 +4,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from mtl_unsup.clustering.head import ClusterHead
 from mtl_unsup.clustering.kmeans import ClusterState
 from mtl_unsup.tasks.base import Task, TaskBatch
 from mtl_unsup.tasks.losses import balanced_class_weights
 
 
 class ClusterTask(Task):
-    """Cross-entropy of a linear clustering head on the current pseudo-labels.
+    """Cross-entropy of the clustering head on the current pseudo-labels.
 
-    Pseudo-labels are looked up by dataset index. The head is re-initialised each time the
-    labels are refreshed, since cluster numbers carry no meaning from one k-means to the next.
+    Pseudo-labels are looked up by dataset index. The head (:class:`ClusterHead`, a linear layer
+    in the whitened, normalised space k-means clustered in) is re-initialised each time the labels
+    are refreshed, since cluster numbers carry no meaning from one k-means to the next.
 
     Args:
         balance: ``weights`` scales each cluster's loss by the inverse of its size (DeepCluster
             samples uniformly over clusters to the same end); ``none`` leaves it plain.
         label_smoothing: cross-entropy label smoothing.
         head_init: how the head restarts after each re-clustering: ``centroids`` sets it to the
-            nearest-centroid classifier of the new k-means (mapped back through the whitening),
+            nearest-centroid classifier of the new k-means (its argmax is the k-means assignment),
             so it starts from the new labels even when the learning rate has decayed; ``random``
             is DeepCluster's fresh random initialisation.
         head_temperature: softmax temperature of the centroid-initialised head.
+
+    ``trained_steps`` (a buffer, so it is checkpointed) counts the steps the head has trained
+    since its last restart: a head that never trained is no answer of the run.
     """
 
     needs_pseudo_labels = True
@@ -47,7 +51,8 @@ class ClusterTask(Task):
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
         self.num_clusters = num_clusters
-        self.head = nn.Linear(feature_dim, num_clusters)
+        self.head = ClusterHead(feature_dim, num_clusters)
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
 
     def set_pseudo_labels(self, labels: torch.Tensor) -> None:
         self.pseudo_labels = labels.long().cpu()
@@ -57,20 +62,15 @@ class ClusterTask(Task):
         )
 
     @torch.no_grad()
-    def reset_head(self, state: ClusterState | None = None) -> None:
-        """Restart the head: randomly, or as the nearest-centroid classifier of ``state``."""
-        if state is None or self.head_init == "random":
-            self.head.reset_parameters()
-            return
-        # k-means assigns z/|z| to the centroid maximising <z/|z|, c> - |c|^2 / 2, with
-        # z = (f - mean) P. Whitened features have |z| ~ sqrt(d), so the linear head
-        # (<z, c> / sqrt(d) - |c|^2 / 2) / T reproduces that assignment, at temperature T.
-        centroids = state.centroids.to(self.head.weight)
-        proj, mean = state.pca_proj.to(centroids), state.pca_mean.to(centroids)
-        scale = 1.0 / (self.head_temperature * proj.shape[1] ** 0.5)
-        self.head.weight.copy_(centroids @ proj.t() * scale)
-        self.head.bias.copy_(-(mean @ proj) @ centroids.t() * scale
-                             - centroids.pow(2).sum(1) / (2 * self.head_temperature))
+    def reset_head(self, state: ClusterState | None = None, head_init: str | None = None) -> None:
+        """Restart the head in ``state``'s space: randomly, or as its nearest-centroid classifier."""
+        self.trained_steps.zero_()
+        if state is not None:
+            self.head.set_space(state.pca_mean, state.pca_proj)
+        if state is None or (head_init or self.head_init) == "random":
+            self.head.reset_random()
+        else:
+            self.head.set_centroids(state.centroids, self.head_temperature)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
@@ -83,5 +83,6 @@ class ClusterTask(Task):
         if self.class_weights is not None:
             weights = self.class_weights.to(batch.index.device)
         logits = self.logits(batch.features(self.view))
+        self.trained_steps += 1
         return F.cross_entropy(logits.float(), targets, weight=weights,
                                label_smoothing=self.label_smoothing)

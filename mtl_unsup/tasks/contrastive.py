@@ -16,16 +16,20 @@ class ContrastiveTask(Task):
         temperature: softmax temperature of NT-Xent.
         proj_dim: output size of the projector.
         hidden_dim: hidden size of the projector.
+        gather_distributed: under DDP, contrast against every rank's batch (more negatives, the
+            loss of the global batch) instead of the rank's own.
     """
 
     num_views = 2
 
     def __init__(self, weight: float = 1.0, view: str = "strong", start_epoch: int = 0,
-                 temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512) -> None:
+                 temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512,
+                 gather_distributed: bool = False) -> None:
         super().__init__(weight, view, start_epoch)
         if temperature <= 0:
             raise ValueError(f"task.contrastive.temperature must be > 0, got {temperature}")
         self.temperature, self.proj_dim, self.hidden_dim = temperature, proj_dim, hidden_dim
+        self.gather_distributed = gather_distributed
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
         self.projector = nn.Sequential(
@@ -36,4 +40,4 @@ class ContrastiveTask(Task):
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         z1 = self.projector(batch.features(self.view, 0))
         z2 = self.projector(batch.features(self.view, 1))
-        return nt_xent(z1, z2, self.temperature)
+        return nt_xent(z1, z2, self.temperature, gather=self.gather_distributed)

@@ -5,23 +5,37 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mtl_unsup.distributed import gather_with_grad, world
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5,
+            gather: bool = False) -> torch.Tensor:
     """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR (Chen et al., 2020).
 
     ``z1[i]`` and ``z2[i]`` are two views of image ``i``; every other embedding in the batch is a
-    negative. Returns the mean over the ``2B`` anchors.
+    negative. Returns the mean over the ``2B`` anchors. With ``gather`` (under
+    ``torch.distributed``) the negatives are the embeddings of every rank's batch, gathered with
+    their gradients, as SimCLR does across its devices: the ranks' mean loss equals the loss of
+    one process holding the whole batch.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"nt_xent needs two (B, D) tensors of one shape, got {z1.shape}, {z2.shape}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     b = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
-    sim = z @ z.t() / temperature
-    sim.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    local = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    rank, size = world() if gather else (0, 1)
+    if size == 1:
+        candidates = local
+    else:  # every rank's [z1; z2], autograd-aware, laid out as [all z1; all z2]
+        parts = gather_with_grad(local)
+        candidates = torch.cat([p[:b] for p in parts] + [p[b:] for p in parts])
+    sim = local @ candidates.t() / temperature
+    own = torch.cat([torch.arange(b), torch.arange(b)]) + rank * b
+    own[b:] += size * b  # anchor i of z2 sits in the second half of the candidates
+    partner = torch.cat([own[b:], own[:b]])
+    sim[torch.arange(2 * b), own] = float("-inf")  # an embedding is not its own negative
+    return F.cross_entropy(sim, partner.to(sim.device))
 
 
 def rotate_batch(x: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:

@@ -17,13 +17,24 @@ from tests.conftest import compose_cfg, tiny_folder_overrides  # noqa: E402
 
 
 class SaveFirstClustering(L.Callback):
+    """Saves each rank's first clustering and the RNG state its first augmentation draws from."""
+
     def __init__(self, out: Path) -> None:
         self.out = out
 
     def on_train_epoch_start(self, trainer, module) -> None:
         if trainer.current_epoch == 0:
             state = module.cluster_state.state_dict()
-            torch.save(state, self.out / f"rank{trainer.global_rank}_of{trainer.world_size}.pt")
+            name = f"rank{trainer.global_rank}_of{trainer.world_size}"
+            torch.save(state, self.out / f"{name}.pt")
+            make_views = module.make_views
+
+            def record_then_augment(images):
+                if not (self.out / f"{name}_rng.pt").exists():
+                    torch.save(torch.get_rng_state(), self.out / f"{name}_rng.pt")
+                return make_views(images)
+
+            module.make_views = record_then_augment
 
 
 def main() -> None:

@@ -1,0 +1,30 @@
+"""A clean console: the messages third-party libraries print that tell our users nothing.
+
+Each filter names one message and why it is dropped; nothing else is silenced, so a new warning
+still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropTips(logging.Filter):
+    """Lightning advertises its cloud products ("Tip: ... litlogger / litmodels") on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip: For seamless cloud" not in str(record.msg)
+
+
+def quiet_third_party() -> None:
+    # Lightning's own internals call a torch pytree API that newer torch deprecates; nothing the
+    # user (or we) can change, printed twice per run.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # torchmetrics builds NMI's contingency table as a sparse tensor without invariant checks.
+    warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())

@@ -1,0 +1,65 @@
+"""Schedules that waste nothing: k-means only when read, a head that never trained is no answer."""
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import mtl_unsup.clustering.callback as callback_module
+from mtl_unsup.schedule import schedule_findings
+from mtl_unsup.train import train
+
+from .conftest import compose_cfg, tiny_folder_overrides
+
+
+def findings(tmp_path, *overrides: str) -> list[str]:
+    cfg = compose_cfg(tmp_path, list(overrides))
+    return schedule_findings(cfg, {name: instantiate(t) for name, t in cfg.task.items()})
+
+
+def test_the_default_schedule_is_sound(tmp_path):
+    assert findings(tmp_path) == []
+
+
+@pytest.mark.parametrize(("overrides", "says"), [
+    (["trainer.max_epochs=2"], "task.cluster.start_epoch=20 >= trainer.max_epochs=2"),
+    (["task=[cluster]", "task.cluster.start_epoch=5"], "epochs 0-4 train nothing"),
+    (["scheduler.T_max=10"], "scheduler.T_max=10 < trainer.max_epochs=80"),
+    (["task.cluster.start_epoch=70"], "has left 4% of optimizer.lr"),
+])
+def test_wasteful_schedules_are_named_at_start(tmp_path, overrides, says):
+    assert any(says in finding for finding in findings(tmp_path, *overrides))
+
+
+def clustering_epochs(monkeypatch) -> list[int]:
+    epochs: list[int] = []
+    real = callback_module.cluster_features
+
+    def counting(*args, **kwargs):
+        epochs.append(kwargs["epoch"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "cluster_features", counting)
+    return epochs
+
+
+@pytest.mark.parametrize(("start", "every", "expected"), [
+    (2, 1, [2, 3]),  # nothing reads pseudo-labels before epoch 2: no k-means there
+    (1, 5, [1, 3]),  # the first clustering comes exactly when the task starts
+])
+def test_kmeans_runs_only_when_a_task_reads_it(shapes_dir, tmp_path, monkeypatch, start, every, expected):
+    epochs = clustering_epochs(monkeypatch)
+    train(compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=3",
+                                 f"task.cluster.start_epoch={start}", f"cluster.every_n_epochs={every}"]))
+    assert epochs == expected  # the last one: the final clustering, for evaluation
+
+
+def test_a_head_that_never_trained_answers_with_the_final_kmeans(shapes_dir, tmp_path, caplog):
+    overrides = [o for o in tiny_folder_overrides(shapes_dir) if "start_epoch" not in o]
+    metrics = train(compose_cfg(tmp_path, [*overrides, "trainer.max_epochs=2"]))  # starts at 20
+    for split in ("test", "val", "train"):
+        for name in ("acc", "nmi", "ari"):
+            assert metrics[f"{split}/{name}"] == metrics[f"{split}/kmeans_{name}"]
+        assert metrics[f"{split}/agreement"] == pytest.approx(1.0)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(ckpt["state_dict"]["tasks.cluster.trained_steps"]) == 0
+    assert "The clustering head never trained" in caplog.text
