@@ -21,6 +21,9 @@ def quiet_third_party() -> None:
     # Lightning's own internals call a torch pytree API that newer torch deprecates; nothing the
     # user (or we) can change, printed twice per run.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Under DDP, Lightning warns that test loaders pad duplicates in; our evaluation gathers
+    # every split by dataset index and drops them (mtl_unsup/models/evaluation.py).
+    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
     # torchmetrics builds NMI's contingency table as a sparse tensor without invariant checks.
     warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",

@@ -22,12 +22,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.clustering.callback import PseudoLabelCallback
-from mtl_unsup.config import check_config, register_configs
+from mtl_unsup.config import ConfigValueError, check_config, register_configs
 from mtl_unsup.console import quiet_third_party
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import predict_images
-from mtl_unsup.metrics import reads_labels
+from mtl_unsup.metrics import LABELLED_NAMES, reads_labels
 from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
@@ -81,6 +81,13 @@ def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule) -> None:
             warn = rank_zero_only(log.warning)
             warn("%s=%s reads ground-truth labels: what it chooses is chosen with labels and is "
                  "not an unsupervised result.", key, metric)
+    metric, names = cfg.optimized_metric, ("silhouette", "agreement", *LABELLED_NAMES)
+    if metric and (metric.split("/")[0] not in datamodule.eval_splits()
+                   or metric.split("/", 1)[-1] not in names):
+        raise ConfigValueError(
+            f"optimized_metric={metric} is not among the final metrics, which are <split>/<name> "
+            f"for split in {datamodule.eval_splits()} and name in {list(names)}. Pick one, "
+            "e.g. optimized_metric=val/silhouette, or optimized_metric=null.")
 
 
 def build_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], ModelCheckpoint]:
@@ -262,11 +269,15 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
     return metrics
 
 
+def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimises: ``metrics[optimized_metric]`` (None when unset)."""
+    return metrics[cfg.optimized_metric] if cfg.optimized_metric else None
+
+
 @hydra_command("train")  # a user's mistake: one message, exit status 2
 def main(cfg: DictConfig) -> float | None:
     """Train; return ``optimized_metric`` (label-free by default) for a Hydra sweeper."""
-    metrics = train(cfg)
-    return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
+    return objective(cfg, train(cfg))
 
 
 if __name__ == "__main__":

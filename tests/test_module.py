@@ -91,3 +91,20 @@ def test_a_step_with_no_active_task_is_skipped():
     module = make_module({"cluster": ClusterTask(start_epoch=5)})
     batch = {"image": torch.rand(4, 1, 8, 8), "index": torch.arange(4), "label": torch.zeros(4)}
     assert module.training_step(batch, 0) is None
+
+
+def test_predictions_do_not_depend_on_the_other_images_of_the_batch(shapes_dir):
+    from omegaconf import OmegaConf
+
+    from mtl_unsup.data import scan_folder
+    from mtl_unsup.inference import predict_images
+
+    module = make_module({"cluster": ClusterTask()})
+    module.train()  # as Lightning leaves it after fit and test
+    cfg = OmegaConf.create({"data": {"channels": 1, "image_size": 16}})
+    images = scan_folder(shapes_dir)
+    alone = predict_images(module, cfg, images, batch_size=1, progress=False)
+    together = predict_images(module, cfg, images, batch_size=len(images), progress=False)
+    assert (alone.clusters == together.clusters).all()
+    assert torch.allclose(torch.from_numpy(alone.features), torch.from_numpy(together.features), atol=1e-5)
+    assert module.training

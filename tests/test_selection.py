@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
+from mtl_unsup.config import ConfigValueError
 from mtl_unsup.data import ImageFolderDataModule, ImageList
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import reads_labels, score_clustering
-from mtl_unsup.train import build_run, train
+from mtl_unsup.train import build_run, objective, train
 
 from .conftest import compose_cfg, tiny_folder_overrides
 
@@ -39,7 +40,7 @@ def test_the_default_objective_and_a_label_free_monitor_ignore_labels(shapes_dir
     permute_labels(monkeypatch)
     shuffled = train(compose_cfg(tmp_path / "b", overrides))
     assert plain["test/acc"] != shuffled["test/acc"]  # the labels did change what is reported...
-    assert plain[cfg.optimized_metric] == shuffled[cfg.optimized_metric]  # ...and nothing else
+    assert objective(cfg, plain) == objective(cfg, shuffled) == plain["val/silhouette"]  # ...nothing else
     best = [sorted(p.name for p in (tmp_path / run / "checkpoints").iterdir()) for run in ("a", "b")]
     assert best[0] == best[1] and any(name.startswith("best-") for name in best[0])
     weights = [torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -58,13 +59,14 @@ def test_a_labelled_monitor_works_only_by_name_and_says_so(shapes_dir, tmp_path,
 @pytest.mark.parametrize(("override", "named"), [
     ("optimized_metric=val/acc", "optimized_metric=val/acc reads ground-truth labels"),
     ("checkpoint.monitor=test/silhouette", "checkpoint.monitor=test/silhouette needs a test split"),
+    ("optimized_metric=train/loss", "optimized_metric=train/loss is not among the final metrics"),
 ])
 def test_a_metric_the_data_cannot_give_stops_the_run(tmp_path, override, named):
     from .conftest import write_shapes
 
     root = write_shapes(tmp_path / "flat", labelled=False)
     cfg = compose_cfg(tmp_path / "run", [*tiny_folder_overrides(root), "data.test_fraction=0", override])
-    with pytest.raises(DataError, match=named):
+    with pytest.raises((DataError, ConfigValueError), match=named):
         train(cfg)
 
 

@@ -78,7 +78,9 @@ def test_multirun_gives_each_job_its_own_dir_and_metrics(shapes_dir, tmp_path):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1"]
     for job, k in zip(jobs, ("2", "3"), strict=True):
-        assert json.loads((job / "metrics.json").read_text())["test/acc"] >= 0
+        assert {"test/acc", "val/silhouette"} <= set(json.loads((job / "metrics.json").read_text()))
+        ckpt = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["cluster_state"]["centroids"].shape[0] == int(k)  # each job ran its own k
         assert f"cluster.k={k}" in (job / ".hydra" / "overrides.yaml").read_text()
         info = json.loads((job / "run_info.json").read_text())
         assert info["libraries"]["torch"] and info["hardware"]["cpu_count"]
