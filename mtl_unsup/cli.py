@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from mtl_unsup.config import CONF_DIR
+from mtl_unsup.console import quiet_third_party
 from mtl_unsup.errors import UserError
 
 USAGE_ERROR = 2  # the exit status of a user's mistake, as for a wrong command-line flag
@@ -109,6 +110,7 @@ def hydra_command(config_name: str) -> Callable[[TaskFunction], Callable[..., An
     statuses above."""
 
     def decorate(task: TaskFunction) -> Callable[..., Any]:
+        quiet_third_party()
         hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
         return exit_2_on_user_errors(hydra_main(_reporting_user_errors(task)))
 

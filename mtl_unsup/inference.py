@@ -26,17 +26,20 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable or not one of mtl-unsup's."""
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``: tensors and plain data only, no code."""
+def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data only, no code.
+
+    ``key`` is the config key the path came from, named in the error messages.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"ckpt={str(path)!r} does not exist. Point it at a .ckpt file of a run.")
+        raise CheckpointError(f"{key}={str(path)!r} does not exist. Point it at a .ckpt file of a run.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"ckpt={str(path)!r} cannot be read as a checkpoint: {err}") from err
+        raise CheckpointError(f"{key}={str(path)!r} cannot be read as a checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or "mtl_config" not in ckpt or "state_dict" not in ckpt:
-        raise CheckpointError(f"ckpt={str(path)!r} is not an mtl-unsup checkpoint (no config inside).")
+        raise CheckpointError(f"{key}={str(path)!r} is not an mtl-unsup checkpoint (no config inside).")
     return ckpt
 
 

@@ -23,10 +23,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.config import ConfigValueError, check_config, register_configs
-from mtl_unsup.console import quiet_third_party
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
-from mtl_unsup.inference import predict_images
+from mtl_unsup.inference import load_checkpoint, predict_images
 from mtl_unsup.metrics import LABELLED_NAMES, reads_labels
 from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
@@ -36,7 +35,6 @@ from mtl_unsup.visualize import save_pictures
 
 log = logging.getLogger(__name__)
 register_configs()
-quiet_third_party()
 
 
 def build_tasks(cfg: DictConfig) -> dict[str, Any]:
@@ -164,7 +162,7 @@ def check_checkpoint_data(ckpt_path: str, resuming: bool, run: Run) -> None:
     Resuming a run on other images stops, naming both folders. Starting a new run from a
     checkpoint of other images (``ckpt_path=``) keeps its weights and clusters afresh.
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(ckpt_path, key="ckpt_path")  # not an mtl-unsup checkpoint: stop here
     state = ckpt.get("cluster_state")
     if not state:
         return

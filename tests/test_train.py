@@ -173,3 +173,13 @@ def test_a_second_run_into_the_same_dir_is_refused(shapes_dir, tmp_path):
     with pytest.raises(RunDirError, match="already holds a run"):
         train(compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "seed=3"]))
     assert (tmp_path / "metrics.json").read_text() == before
+
+
+def test_a_ckpt_path_that_is_no_checkpoint_is_named_before_training(shapes_dir, tmp_path):
+    from mtl_unsup.inference import CheckpointError
+
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"ckpt_path='.*junk\.ckpt' cannot be read"):
+        train(compose_cfg(tmp_path / "run", [*tiny_folder_overrides(shapes_dir), f"ckpt_path={junk}"]))
+    assert not (tmp_path / "run" / "checkpoints").exists()
