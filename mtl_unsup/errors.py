@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A mistake in what the user asked for; the message names the key or path and the fix."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, unreadable, not one of mtl-unsup's, or of another model."""

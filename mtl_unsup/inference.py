@@ -18,12 +18,8 @@ from tqdm import tqdm
 
 from mtl_unsup.data.dataset import ImageDataset, image_transform
 from mtl_unsup.data.images import ImageList
-from mtl_unsup.errors import UserError
+from mtl_unsup.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 from mtl_unsup.models.module import MultiTaskModule
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that is missing, unreadable or not one of mtl-unsup's."""
 
 
 def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
@@ -56,8 +52,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
         mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
         config=ckpt["mtl_config"],
     )
-    module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)
+    module.load_weights(ckpt, str(path))
     return module.eval(), cfg
 
 

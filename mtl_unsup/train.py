@@ -56,36 +56,41 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return datamodule
 
 
-def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule) -> None:
+def split_metrics(datamodule: ImageFolderDataModule, split: str, has_head: bool) -> set[str]:
+    """The metrics an evaluation of ``split`` gives (none for a split of fewer than 2 images)."""
+    if len(datamodule.splits.get(split, ())) < 2:
+        return set()
+    names = ["silhouette", *(["agreement"] if has_head else [])]
+    names += list(LABELLED_NAMES) if datamodule.has_labels else []
+    return {f"{split}/{name}" for name in names}
+
+
+def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: dict[str, Any]) -> None:
     """The checkpoint monitor and the sweep objective: label-free unless named on purpose.
 
-    A metric that reads ground-truth labels is allowed only when the user names it, and the run
-    says so; one that cannot exist for this data (no validation split, no labels) stops the run.
+    Each must be a metric this run logs (during training for the monitor, at the end for the
+    objective), checked before training: a misspelt or impossible one stops the run naming the
+    choices. One that reads ground-truth labels is allowed when named, and the run says so.
     """
-    for key in ("checkpoint.monitor", "optimized_metric"):
+    has_head = any(task.needs_pseudo_labels and task.weight > 0 for task in tasks.values())
+    during_fit = {"train/loss", *(f"train/loss_{n}" for n, t in tasks.items() if t.weight > 0)}
+    during_fit |= split_metrics(datamodule, "val", has_head)
+    at_end = set().union(*(split_metrics(datamodule, s, has_head) for s in datamodule.eval_splits()))
+    for key, choices in (("checkpoint.monitor", during_fit), ("optimized_metric", at_end)):
         metric = OmegaConf.select(cfg, key)
         if not metric:
             continue
-        split = metric.split("/", 1)[0]
-        if split in ("val", "test", "train") and split not in datamodule.splits:
-            raise DataError(
-                f"{key}={metric} needs a {split} split, and this data has none "
-                f"({', '.join(datamodule.splits)}). Choose a metric of another split, e.g. "
-                f"{key}=train/silhouette, or give the data a {split} split (data.val_fraction).")
+        if metric not in choices:
+            free = sorted(m for m in choices if not reads_labels(m))
+            raise ConfigValueError(
+                f"{key}={metric} is not a metric this run gives"
+                + (" (it reads labels, and these images have none)" if reads_labels(metric)
+                   and not datamodule.has_labels else "")
+                + f". Label-free choices: {', '.join(free)}; or {key}=null.")
         if reads_labels(metric):
-            if not datamodule.has_labels:
-                raise DataError(f"{key}={metric} reads ground-truth labels, and these images have "
-                                "none. Choose a label-free metric such as val/silhouette.")
             warn = rank_zero_only(log.warning)
             warn("%s=%s reads ground-truth labels: what it chooses is chosen with labels and is "
                  "not an unsupervised result.", key, metric)
-    metric, names = cfg.optimized_metric, ("silhouette", "agreement", *LABELLED_NAMES)
-    if metric and (metric.split("/")[0] not in datamodule.eval_splits()
-                   or metric.split("/", 1)[-1] not in names):
-        raise ConfigValueError(
-            f"optimized_metric={metric} is not among the final metrics, which are <split>/<name> "
-            f"for split in {datamodule.eval_splits()} and name in {list(names)}. Pick one, "
-            "e.g. optimized_metric=val/silhouette, or optimized_metric=null.")
 
 
 def build_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], ModelCheckpoint]:
@@ -156,34 +161,6 @@ def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
                   preds.features, labels, images.classes, out_dir / "csv" / "metrics.csv")
 
 
-def check_checkpoint_data(ckpt_path: str, resuming: bool, run: Run) -> None:
-    """A checkpoint's pseudo-labels must belong to these training images, or be dropped.
-
-    Resuming a run on other images stops, naming both folders. Starting a new run from a
-    checkpoint of other images (``ckpt_path=``) keeps its weights and clusters afresh.
-    """
-    ckpt = load_checkpoint(ckpt_path, key="ckpt_path")  # not an mtl-unsup checkpoint: stop here
-    state = ckpt.get("cluster_state")
-    if not state:
-        return
-    datamodule = run.datamodule
-    saved = state.get("fingerprint") or ""
-    same = saved == datamodule.fingerprint if saved else len(state["labels"]) == datamodule.num_train
-    if same:
-        return
-    then = (ckpt.get("mtl_config") or {}).get("data", {}).get("root", "?")
-    what = (f"{ckpt_path} holds pseudo-labels of other training images ({then}: "
-            f"{len(state['labels'])} images) than this run's ({datamodule.describe()}: "
-            f"{datamodule.num_train} images, or another split of them)")
-    if resuming:
-        raise DataError(f"{what}. Resume with the data (data.root, split settings) the run was "
-                        "started with, or start a new run from its weights with ckpt_path=... "
-                        "(without resume=true), which clusters the new images afresh.")
-    rank_zero_only(log.warning)("%s: its weights are used, its clustering is not; the new images "
-                                "are clustered afresh.", what)
-    run.module.ignore_checkpoint_clustering = True
-
-
 @dataclass
 class Run:
     """Everything one training run is made of, built and checked before any training."""
@@ -201,7 +178,7 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule = build_datamodule(cfg)
     tasks = build_tasks(cfg)
     backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
-    check_selection(cfg, datamodule)
+    check_selection(cfg, datamodule, tasks)
     check_schedule(cfg, tasks)
     module = MultiTaskModule(
         backbone, tasks, num_clusters=cfg.cluster.k, optimizer=instantiate(cfg.optimizer),
@@ -223,6 +200,44 @@ def build_run(cfg: DictConfig) -> Run:
     return Run(datamodule, module, trainer, checkpoint)
 
 
+def adopt_checkpoint(ckpt_path: str, resuming: bool, run: Run) -> str | None:
+    """Check a checkpoint against this run; returns what ``fit`` resumes from (None: nothing).
+
+    Resuming continues the whole training state, and must be on the images the pseudo-labels
+    belong to: on other images it stops, naming both folders. A new run from a checkpoint
+    (``ckpt_path=`` without resuming) takes its weights only and starts at epoch 0; on other
+    images it also drops the clustering, and clusters the new images afresh.
+    """
+    ckpt = load_checkpoint(ckpt_path, key="ckpt_path")  # not an mtl-unsup checkpoint: stop here
+    state, datamodule = ckpt.get("cluster_state"), run.datamodule
+    saved = (state or {}).get("fingerprint") or ""
+    same = not state or (saved == datamodule.fingerprint if saved
+                         else len(state["labels"]) == datamodule.num_train)
+    if not same:
+        then = (ckpt.get("mtl_config") or {}).get("data", {}).get("root", "?")
+        what = (f"{ckpt_path} holds pseudo-labels of other training images ({then}: "
+                f"{len(state['labels'])} images) than this run's ({datamodule.describe()}: "
+                f"{datamodule.num_train} images, or another split of them)")
+        if resuming:
+            raise DataError(f"{what}. Resume with the data (data.root, split settings) the run "
+                            "was started with, or start a new run from its weights with "
+                            "ckpt_path=... (without resume=true), which clusters the new images "
+                            "afresh.")
+        rank_zero_only(log.warning)("%s: its weights are used, its clustering is not; the new "
+                                    "images are clustered afresh.", what)
+        run.module.ignore_checkpoint_clustering = True
+    run.module.load_weights(ckpt, f"ckpt_path={ckpt_path!r}")  # another model stops here
+    return ckpt_path if resuming else None
+
+
+def finish_clustering(run: Run) -> None:
+    """The final clustering, if ``fit`` did not get to it (a run resumed after its last epoch)."""
+    state, trainer = run.module.cluster_state, run.trainer
+    if state is None or state.epoch != trainer.current_epoch:
+        callback = next(c for c in trainer.callbacks if isinstance(c, PseudoLabelCallback))
+        callback.finish(trainer, run.module)
+
+
 def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
     """Fit and test one model; returns the final metrics (also written to ``metrics.json``)."""
     check_config(cfg)
@@ -232,12 +247,12 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
             cfg.paths.output_dir = str(out_dir)
     if cfg.print_config:
         rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
-    write_run_info(out_dir)
     run = build_run(cfg)
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
     if ckpt_path:  # resuming: resume=true, or a requeued job continuing its own run
         resuming = bool(cfg.resume) or Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
-        check_checkpoint_data(ckpt_path, resuming, run)
+        ckpt_path = adopt_checkpoint(ckpt_path, resuming, run)
+    write_run_info(out_dir)
     trainer.callbacks.extend(extra_callbacks)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -247,7 +262,9 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
                 "after lowering optimizer.lr or a task weight." if last.is_file()
                 else "No checkpoint had been saved yet.")
         raise NonFiniteLossError(f"{err} {kept}") from None
-    # The final clustering (refreshed at the end of fit) goes into last.ckpt with the final weights.
+    finish_clustering(run)
+    # The final clustering goes into last.ckpt with the final weights. (weights_only=False is the
+    # save side: keep optimizer and loop states too; every load uses weights_only=True.)
     last_path = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_path, weights_only=False)
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))

@@ -52,17 +52,30 @@ class RecordClustering(L.Callback):
 
 
 def test_a_new_run_from_a_checkpoint_of_other_images_clusters_afresh(shapes_dir, tmp_path, caplog):
-    train(compose_cfg(tmp_path / "first", [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=1"]))
+    train(compose_cfg(tmp_path / "first", tiny_folder_overrides(shapes_dir)))  # finished: 2 epochs
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    first = torch.load(ckpt, weights_only=True)["state_dict"]
     other = renamed_copy(shapes_dir, tmp_path / "other")
     recorder = RecordClustering()
-    cfg = compose_cfg(tmp_path / "second", [*tiny_folder_overrides(other), "trainer.max_epochs=3",
-                                            f"ckpt_path={ckpt}"])
+    cfg = compose_cfg(tmp_path / "second", [*tiny_folder_overrides(other), f"ckpt_path={ckpt}"])
     with caplog.at_level(logging.WARNING):
         train(cfg, extra_callbacks=(recorder,))
     assert "its clustering is not" in caplog.text
     dm = ImageFolderDataModule(str(other), channels=1, image_size=16)
     dm.setup()
-    assert recorder.fingerprints == [dm.fingerprint] * 2  # epochs 1 and 2, never the old labels
+    # a new run: its own 2 epochs from epoch 0, each on labels of its own images
+    assert recorder.fingerprints == [dm.fingerprint] * 2
     saved = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["cluster_state"]["fingerprint"] == dm.fingerprint
+    assert not torch.equal(saved["state_dict"]["backbone.net.0.weight"], first["backbone.net.0.weight"])
+
+
+def test_a_checkpoint_of_another_model_is_named(shapes_dir, tmp_path):
+    from mtl_unsup.errors import CheckpointError
+
+    train(compose_cfg(tmp_path / "first", tiny_folder_overrides(shapes_dir)))
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg(tmp_path / "second", [*tiny_folder_overrides(shapes_dir), f"ckpt_path={ckpt}",
+                                            "backbone.widths=[8,32]"])
+    with pytest.raises(CheckpointError, match=r"ckpt_path=.*does not fit this model"):
+        train(cfg)

@@ -1,5 +1,6 @@
 """Schedules that waste nothing: k-means only when read, a head that never trained is no answer."""
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -63,3 +64,22 @@ def test_a_head_that_never_trained_answers_with_the_final_kmeans(shapes_dir, tmp
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(ckpt["state_dict"]["tasks.cluster.trained_steps"]) == 0
     assert "The clustering head never trained" in caplog.text
+
+
+class CollapseHead(L.Callback):
+    """After the last epoch, the head answers cluster 0 for every image."""
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            with torch.no_grad():
+                module.cluster_task.head.linear.weight.zero_()
+                module.cluster_task.head.linear.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+
+
+def test_a_head_that_fell_apart_is_replaced_by_the_final_kmeans(shapes_dir, tmp_path, caplog):
+    metrics = train(compose_cfg(tmp_path, tiny_folder_overrides(shapes_dir)),
+                    extra_callbacks=(CollapseHead(),))
+    assert "disagrees with the final k-means" in caplog.text
+    for split in ("test", "train"):
+        assert metrics[f"{split}/acc"] == metrics[f"{split}/kmeans_acc"]
+        assert metrics[f"{split}/silhouette"] > -1  # not the one-cluster answer

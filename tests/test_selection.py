@@ -9,7 +9,6 @@ import torch
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.data import ImageFolderDataModule, ImageList
-from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import reads_labels, score_clustering
 from mtl_unsup.train import build_run, objective, train
@@ -57,17 +56,20 @@ def test_a_labelled_monitor_works_only_by_name_and_says_so(shapes_dir, tmp_path,
 
 
 @pytest.mark.parametrize(("override", "named"), [
-    ("optimized_metric=val/acc", "optimized_metric=val/acc reads ground-truth labels"),
-    ("checkpoint.monitor=test/silhouette", "checkpoint.monitor=test/silhouette needs a test split"),
-    ("optimized_metric=train/loss", "optimized_metric=train/loss is not among the final metrics"),
+    ("optimized_metric=val/acc", r"optimized_metric=val/acc is not a metric this run gives \(it reads"),
+    ("checkpoint.monitor=test/silhouette", "checkpoint.monitor=test/silhouette is not a metric"),
+    ("checkpoint.monitor=val/silhoutte", r"val/silhoutte is not a metric.*choices: train/loss"),
+    ("checkpoint.monitor=cluster/nmi_prev", "cluster/nmi_prev is not a metric"),  # not every epoch
+    ("optimized_metric=train/loss", "optimized_metric=train/loss is not a metric"),
 ])
-def test_a_metric_the_data_cannot_give_stops_the_run(tmp_path, override, named):
+def test_a_metric_the_run_cannot_give_stops_it_before_training(tmp_path, override, named):
     from .conftest import write_shapes
 
     root = write_shapes(tmp_path / "flat", labelled=False)
-    cfg = compose_cfg(tmp_path / "run", [*tiny_folder_overrides(root), "data.test_fraction=0", override])
-    with pytest.raises((DataError, ConfigValueError), match=named):
+    cfg = compose_cfg(tmp_path / "run", [*tiny_folder_overrides(root), override])
+    with pytest.raises(ConfigValueError, match=named):
         train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_reads_labels_knows_which_metrics_use_ground_truth():

@@ -30,6 +30,7 @@ def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
     assert saved == metrics
     names = {"silhouette", "agreement", "acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari"}
     assert set(saved) == {f"{split}/{name}" for split in ("test", "val", "train") for name in names}
+    assert saved["train/agreement"] >= 0.5  # the head reported is a clustering, not a stale one
     # the figures are those of the saved model, predicted in eval mode, one image at a time or not
     module, cfg = model_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     run = build_run(compose_cfg(tmp_path / "again", tiny_folder_overrides(shapes_dir)))

@@ -35,6 +35,10 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     return out
 
 
+# Below this NMI between the trained head and the final k-means, the head is no answer.
+MIN_HEAD_AGREEMENT = 0.5
+
+
 class PseudoLabelCallback(L.Callback):
     """Cluster the training set when a task reads the result, and hand the labels to the module.
 
@@ -80,6 +84,7 @@ class PseudoLabelCallback(L.Callback):
         init = None
         if self.warm_start and previous is not None and len(previous.labels) == len(features):
             init = previous.labels
+        agreement = None
         if trainer.is_global_zero:
             state = cluster_features(features, self.k, self.pca_dim, self.niter, self.nredo,
                                      seed=self.seed + epoch, epoch=epoch, init_labels=init)
@@ -89,8 +94,11 @@ class PseudoLabelCallback(L.Callback):
                 with torch.no_grad():
                     head = task.logits(features.to(module.device)).argmax(1).cpu()
                 state = state.relabelled(matching_permutation(state.labels, head, state.k))
-        state = trainer.strategy.broadcast(state, src=0)
+                agreement = float(normalized_mutual_info_score(head, state.labels))
+        state, agreement = trainer.strategy.broadcast((state, agreement), src=0)
         stats = self._stats(trainer, module.cluster_state, state)
+        if agreement is not None:
+            stats["cluster/head_agreement"] = agreement
         module.set_cluster_state(state, reset_head=reset_head, head_init=head_init)
         return stats
 
@@ -129,17 +137,28 @@ class PseudoLabelCallback(L.Callback):
                        + ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in stats.items()))
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.finish(trainer, module)
+
+    def finish(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         """Final assignment with the final weights, so k-means evaluation matches the model.
 
-        A clustering head that never trained (the run ended before its task started) would be
-        a stale answer: it becomes the nearest-centroid classifier of this final k-means.
+        The clustering head is the run's answer only if it is one: a head that never trained
+        (the run ended before its task started) or whose clusters no longer match the final
+        k-means of the training features (NMI below ``MIN_HEAD_AGREEMENT``: it fell apart, e.g.
+        into one cluster) becomes the nearest-centroid classifier of this k-means, and the run
+        says so. The test reads no label.
         """
         task = module.cluster_task
         untrained = task is not None and int(task.trained_steps) == 0
-        self.refresh(trainer, module, reset_head=untrained, head_init="centroids")
+        stats = self.refresh(trainer, module, reset_head=untrained, head_init="centroids")
+        agreement = stats.get("cluster/head_agreement", 1.0)
         if untrained:
-            rank_zero_info(
-                f"The clustering head never trained (its task starts at epoch {task.start_epoch}, "
-                f"training ended at epoch {trainer.current_epoch}): it now predicts the final "
-                "k-means clusters, and its scores are those of k-means."
-            )
+            why = (f"never trained (its task starts at epoch {task.start_epoch}, training ended at "
+                   f"epoch {trainer.current_epoch})")
+        elif agreement < MIN_HEAD_AGREEMENT:
+            why = f"disagrees with the final k-means of the training features (NMI {agreement:.2f})"
+            module.set_cluster_state(module.cluster_state, reset_head=True, head_init="centroids")
+        else:
+            return
+        rank_zero_info(f"The clustering head {why}: it now predicts the final k-means clusters, "
+                       "and its scores are those of k-means.")

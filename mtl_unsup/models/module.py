@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+import mtl_unsup
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
-from mtl_unsup.errors import UserError
+from mtl_unsup.errors import CheckpointError, UserError
 from mtl_unsup.models.evaluation import SplitRecorder, score_split
 from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch
@@ -237,9 +238,25 @@ class MultiTaskModule(L.LightningModule):
         if self.cluster_state is not None:
             checkpoint["cluster_state"] = self.cluster_state.state_dict()
         checkpoint["mtl_config"] = self.config
+        checkpoint["mtl_version"] = f"mtl-unsup {mtl_unsup.__version__}"
         # The augmentations and random heads draw from the global RNGs: a resumed run must
         # continue their streams exactly where the interrupted one stood.
         checkpoint["rng_states"] = collect_rng_states()
+
+    def load_weights(self, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+        """Weights and clustering of a checkpoint, not its optimizer, epoch or RNG states: for a
+        new run from a checkpoint, and for prediction."""
+        try:
+            self.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as err:
+            made_by = checkpoint.get("mtl_version", "an older mtl-unsup")
+            raise CheckpointError(
+                f"{where} does not fit this model (written by {made_by}; backbone, tasks or k "
+                f"differ): {str(err).splitlines()[0]} Use a checkpoint of the same model and "
+                "version, or train a new one.") from None
+        if "cluster_state" in checkpoint and not self.ignore_checkpoint_clustering:
+            self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
+                                   reset_head=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "cluster_state" in checkpoint and not self.ignore_checkpoint_clustering:
