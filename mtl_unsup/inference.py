@@ -73,12 +73,13 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     Lightning leaves a module in training mode after ``fit`` and ``test``; in training mode a
     prediction would depend on the other images of its batch.
     """
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # a frozen part stays frozen
     module.eval()
     try:
         yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()

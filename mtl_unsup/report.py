@@ -21,7 +21,7 @@ import yaml
 from mtl_unsup.cli import exit_2_on_user_errors
 from mtl_unsup.errors import UserError
 
-DEFAULT_METRICS = ("test/acc", "test/nmi", "test/ari", "test/kmeans_acc", "train/acc")
+DEFAULT_METRICS = ("val/silhouette", "test/acc", "test/nmi", "test/ari", "test/kmeans_acc", "train/acc")
 IGNORED_KEYS = ("seed", "hydra.", "trainer.enable_progress_bar", "print_config")
 
 

@@ -39,6 +39,13 @@ def schedule_findings(cfg: DictConfig, tasks: Mapping[str, Task]) -> list[str]:
                           if task.needs_pseudo_labels else "")
                 findings.append(f"task.{name}.start_epoch={task.start_epoch} >= trainer.max_epochs="
                                 f"{max_epochs}: the {name} task never trains.{answer}")
+        every = cfg.cluster.every_n_epochs
+        for name, task in live.items():
+            if task.needs_pseudo_labels and task.start_epoch < max_epochs <= task.start_epoch + every:
+                findings.append(f"cluster.every_n_epochs={every}: the {name} task's pseudo-labels are "
+                                f"computed once (epoch {task.start_epoch}) and never refreshed before "
+                                f"the run ends (trainer.max_epochs={max_epochs}). Lower "
+                                "cluster.every_n_epochs to refresh them.")
     first = min((task.start_epoch for task in live.values()), default=0)
     if live and first > 0:
         findings.append(f"epochs 0-{first - 1} train nothing: every task starts at epoch {first} or "

@@ -4,8 +4,10 @@ import logging
 import shutil
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mtl_unsup.data import ImageFolderDataModule, scan_folder
 from mtl_unsup.data.images import DataError
@@ -30,6 +32,15 @@ def test_the_fingerprint_follows_the_images_not_the_folder(shapes_dir, tmp_path)
     assert prints[0] == prints[1] != prints[2]
     images = scan_folder(shapes_dir)
     assert images.subset([1, 0]).fingerprint() != images.subset([0, 1]).fingerprint()  # order counts
+    bitmaps = []  # same names, same sizes (BMP has no compression), other pixels
+    for seed in (0, 1):
+        folder = tmp_path / f"bmp{seed}"
+        folder.mkdir()
+        pixels = np.random.default_rng(seed).integers(0, 255, (2, 16, 16), dtype=np.uint8)
+        for i, img in enumerate(pixels):
+            Image.fromarray(img, mode="L").save(folder / f"{i}.bmp")
+        bitmaps.append(scan_folder(folder).fingerprint())
+    assert bitmaps[0] != bitmaps[1]
 
 
 def test_resuming_on_other_images_stops_naming_both_folders(shapes_dir, tmp_path):

@@ -26,6 +26,7 @@ def test_the_default_schedule_is_sound(tmp_path):
     (["task=[cluster]", "task.cluster.start_epoch=5"], "epochs 0-4 train nothing"),
     (["scheduler.T_max=10"], "scheduler.T_max=10 < trainer.max_epochs=80"),
     (["task.cluster.start_epoch=70"], "has left 4% of optimizer.lr"),
+    (["cluster.every_n_epochs=60"], "pseudo-labels are computed once (epoch 20) and never refreshed"),
 ])
 def test_wasteful_schedules_are_named_at_start(tmp_path, overrides, says):
     assert any(says in finding for finding in findings(tmp_path, *overrides))
@@ -83,3 +84,15 @@ def test_a_head_that_fell_apart_is_replaced_by_the_final_kmeans(shapes_dir, tmp_
     for split in ("test", "train"):
         assert metrics[f"{split}/acc"] == metrics[f"{split}/kmeans_acc"]
         assert metrics[f"{split}/silhouette"] > -1  # not the one-cluster answer
+
+
+def test_a_run_resumed_after_its_last_epoch_still_ends_with_the_final_clustering(shapes_dir, tmp_path):
+    overrides = tiny_folder_overrides(shapes_dir)
+    train(compose_cfg(tmp_path, overrides))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)  # as if killed between the last epoch and the end
+    ckpt["cluster_state"]["epoch"] = 1
+    torch.save(ckpt, path)
+    (tmp_path / "metrics.json").unlink()
+    train(compose_cfg(tmp_path, [*overrides, "resume=true"]))  # nothing left to fit
+    assert torch.load(path, weights_only=True)["cluster_state"]["epoch"] == 2

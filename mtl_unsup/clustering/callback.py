@@ -61,7 +61,7 @@ class PseudoLabelCallback(L.Callback):
             lowest objective wins (see :func:`cluster_features`).
     """
 
-    def __init__(self, k: int, pca_dim: int | None = 128, niter: int = 20, nredo: int = 1,
+    def __init__(self, k: int, pca_dim: int | None = 32, niter: int = 20, nredo: int = 5,
                  every_n_epochs: int = 1, seed: int = 0, warm_start: bool = True) -> None:
         if k < 2:
             raise ValueError(f"cluster.k={k}: at least 2 clusters are needed.")

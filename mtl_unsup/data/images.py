@@ -51,7 +51,8 @@ class ImageList:
         )
 
     def fingerprint(self) -> str:
-        """A digest of the list, in order: each file's path below the common folder and its size.
+        """A digest of the list, in order: each file's path below the common folder, its size
+        and its first 4 KiB (which differ between images even in fixed-size formats).
 
         Pseudo-labels are stored by position in this list; the digest tells whether a checkpoint's
         labels belong to these images (moving the whole folder elsewhere keeps it).
@@ -60,10 +61,12 @@ class ImageList:
         common = Path(os.path.commonpath(self.paths)) if self.paths else Path()
         for path in self.paths:
             try:
+                with open(path, "rb") as f:
+                    head = f.read(4096)
                 size = path.stat().st_size
             except OSError:
-                size = -1
-            digest.update(f"{path.relative_to(common).as_posix()}\0{size}\n".encode())
+                head, size = b"", -1
+            digest.update(f"{path.relative_to(common).as_posix()}\0{size}\0".encode() + head)
         return digest.hexdigest()[:16]
 
 

@@ -23,8 +23,6 @@ from mtl_unsup.metrics import score_clustering, silhouette
 class SplitRecorder:
     """Per-image outputs of one split, collected step by step."""
 
-    KEYS = ("index", "label", "features", "head", "kmeans")
-
     def __init__(self, feature_dim: int) -> None:
         self.feature_dim = feature_dim
         self.parts: dict[str, list[torch.Tensor]] = defaultdict(list)

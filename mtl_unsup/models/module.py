@@ -72,7 +72,7 @@ class MultiTaskModule(L.LightningModule):
         self.config = config or {}
         self.cluster_state: ClusterState | None = None
         self.seed = int(seed)
-        self.cluster_settings = dict(cluster_settings or {"pca_dim": 32, "niter": 20, "nredo": 1})
+        self.cluster_settings = dict(cluster_settings or {"pca_dim": 32, "niter": 20, "nredo": 5})
         self.recorders = {s: SplitRecorder(backbone.feature_dim) for s in ("val", *self.eval_splits)}
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
         # its weights are used, its pseudo-labels are not.
@@ -174,23 +174,24 @@ class MultiTaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------------- evaluation
-    def predict_clusters(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Backbone features, head logits (if a cluster task) and k-means assignment (if fitted)."""
+    def predict_clusters(self, x: torch.Tensor, kmeans: bool = True) -> dict[str, torch.Tensor]:
+        """Backbone features, head logits (if a cluster task) and k-means assignment (if fitted
+        and asked for)."""
         features = self.features(x)
         out = {"features": features}
         task = self.cluster_task
         if task is not None:
             out["logits"] = task.logits(features)
-        if self.cluster_state is not None:
+        if kmeans and self.cluster_state is not None:
             out["kmeans"], out["distance"] = self.cluster_state.assign(features)
         return out
 
     def _eval_step(self, batch: dict[str, Any], split: str) -> None:
-        out = self.predict_clusters(batch["image"])
+        out = self.predict_clusters(batch["image"], kmeans=self._kmeans_from_state())
         record = {"index": batch["index"], "label": batch["label"], "features": out["features"].float()}
         if "logits" in out:
             record["head"] = out["logits"].argmax(1)
-        if "kmeans" in out and self._kmeans_from_state():
+        if "kmeans" in out:
             record["kmeans"] = out["kmeans"].to(self.device)
         self.recorders[split].add(**record)
 
@@ -207,7 +208,7 @@ class MultiTaskModule(L.LightningModule):
             scores = score_split(split, out, self.cluster_settings.get("pca_dim"), self.seed, fit)
         scores = self.trainer.strategy.broadcast(scores, src=0)
         for name, value in sorted(scores.items()):
-            self.log(name, float(value), prog_bar=name == "val/acc", sync_dist=True)
+            self.log(name, float(value), prog_bar=name == "val/silhouette", sync_dist=True)
 
     def _kmeans_from_state(self) -> bool:
         """Testing after fit: the final clustering is current, its centroids assign the split.
