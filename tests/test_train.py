@@ -55,12 +55,19 @@ def run_cli(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_command_line_run_on_default_digits(tmp_path):
-    """The main job's path: built-in digits written once, Hydra run dir, table printed."""
+    """The main job's path: built-in digits written once, Hydra run dir, table printed, and a
+    console without the third-party noise users cannot act on."""
     run_dir = tmp_path / "run"
-    args = ["backbone.widths=[8,16]", "backbone.convs_per_stage=1", "trainer.max_epochs=1",
+    args = ["backbone.widths=[8,16]", "backbone.convs_per_stage=1", "trainer.max_epochs=2",
+            "task.cluster.start_epoch=1", "trainer.check_val_every_n_epoch=1",
             "trainer.enable_progress_bar=false", "print_config=false", f"hydra.run.dir={run_dir}"]
     proc = run_cli(args, cwd=tmp_path, cache=tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    for noise in ("Tip: For seamless", "`weights_only` was not set", "is deprecated",
+                  "smaller than the logging interval", "Sparse invariant checks", "Warning"):
+        assert noise not in console, noise
+    assert "epoch 1 clusters:" in console  # what is ours stays
     assert "| test |" in proc.stdout and str(run_dir / "metrics.json") in proc.stdout
     assert (tmp_path / "cache" / "digits" / "0").is_dir()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
