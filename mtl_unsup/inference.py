@@ -105,7 +105,7 @@ def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_
     state = module.cluster_state
     feats, clusters, confidence, distance = [], [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        out = module.predict_clusters(batch["image"].to(device))
+        out = module.predict_clusters(batch["image"].to(device), kmeans=module.cluster_task is None)
         if "logits" in out:
             probs = out["logits"].float().softmax(dim=1)
             conf, cluster = probs.max(dim=1)

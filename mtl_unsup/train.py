@@ -26,7 +26,8 @@ from mtl_unsup.config import ConfigValueError, check_config, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import load_checkpoint, predict_images
-from mtl_unsup.metrics import LABELLED_NAMES, reads_labels
+from mtl_unsup.metrics import reads_labels
+from mtl_unsup.models.evaluation import split_metric_names
 from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
@@ -56,15 +57,6 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return datamodule
 
 
-def split_metrics(datamodule: ImageFolderDataModule, split: str, has_head: bool) -> set[str]:
-    """The metrics an evaluation of ``split`` gives (none for a split of fewer than 2 images)."""
-    if len(datamodule.splits.get(split, ())) < 2:
-        return set()
-    names = ["silhouette", *(["agreement"] if has_head else [])]
-    names += list(LABELLED_NAMES) if datamodule.has_labels else []
-    return {f"{split}/{name}" for name in names}
-
-
 def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: dict[str, Any]) -> None:
     """The checkpoint monitor and the sweep objective: label-free unless named on purpose.
 
@@ -74,8 +66,13 @@ def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: d
     """
     has_head = any(task.needs_pseudo_labels and task.weight > 0 for task in tasks.values())
     during_fit = {"train/loss", *(f"train/loss_{n}" for n, t in tasks.items() if t.weight > 0)}
-    during_fit |= split_metrics(datamodule, "val", has_head)
-    at_end = set().union(*(split_metrics(datamodule, s, has_head) for s in datamodule.eval_splits()))
+
+    def names(split: str) -> set[str]:
+        size = len(datamodule.splits.get(split, ()))
+        return split_metric_names(split, size, has_head, datamodule.has_labels)
+
+    during_fit |= names("val")
+    at_end = set().union(*(names(split) for split in datamodule.eval_splits()))
     for key, choices in (("checkpoint.monitor", during_fit), ("optimized_metric", at_end)):
         metric = OmegaConf.select(cfg, key)
         if not metric:

@@ -103,6 +103,16 @@ def fit_pca_whitening(
     return mean.float(), proj.float()
 
 
+def whiten(features: torch.Tensor, pca_dim: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The features as k-means sees them: PCA-whitened to ``pca_dim`` and L2-normalised.
+
+    Returns the transformed rows with the fitted mean and projection.
+    """
+    features = features.float().cpu()
+    mean, proj = fit_pca_whitening(features, pca_dim)
+    return torch.nn.functional.normalize((features - mean) @ proj, dim=1), mean, proj
+
+
 def run_kmeans(
     x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
     init: torch.Tensor | None = None,
@@ -166,9 +176,7 @@ def cluster_features(
     lowest objective wins, so a good partition is kept (with its cluster identities) unless the
     new features clearly favour another.
     """
-    features = features.float().cpu()
-    mean, proj = fit_pca_whitening(features, pca_dim)
-    x = torch.nn.functional.normalize((features - mean) @ proj, dim=1)
+    x, mean, proj = whiten(features, pca_dim)
     labels, centroids, objective = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed)
     if init_labels is not None and len(init_labels) == len(x) and int(init_labels.max()) < k:
         counts = torch.bincount(init_labels, minlength=k).clamp(min=1).unsqueeze(1).float()

@@ -15,9 +15,9 @@ import lightning as L
 import torch
 from torchmetrics.functional.clustering import normalized_mutual_info_score
 
-from mtl_unsup.clustering.kmeans import fit_pca_whitening
+from mtl_unsup.clustering.kmeans import whiten
 from mtl_unsup.distributed import gather_rows
-from mtl_unsup.metrics import score_clustering, silhouette
+from mtl_unsup.metrics import LABELLED_NAMES, score_clustering, silhouette
 
 
 class SplitRecorder:
@@ -52,10 +52,14 @@ class SplitRecorder:
         return {key: value[keep] for key, value in local.items()}
 
 
-def whitened_space(features: torch.Tensor, pca_dim: int | None) -> torch.Tensor:
-    """The split's features PCA-whitened and L2-normalised, as the clustering sees features."""
-    mean, proj = fit_pca_whitening(features.float(), pca_dim)
-    return torch.nn.functional.normalize((features.float() - mean) @ proj, dim=1)
+def split_metric_names(split: str, num_images: int, has_head: bool, has_labels: bool) -> set[str]:
+    """The keys :func:`score_split` gives for a split (k-means is always scored; none for a split
+    of fewer than 2 images)."""
+    if num_images < 2:
+        return set()
+    names = ["silhouette", *(["agreement"] if has_head else [])]
+    names += list(LABELLED_NAMES) if has_labels else []
+    return {f"{split}/{name}" for name in names}
 
 
 def score_split(
@@ -75,7 +79,7 @@ def score_split(
     answer = out["head"] if "head" in out else out.get("kmeans")
     scores: dict[str, float] = {}
     if answer is not None:
-        space = whitened_space(out["features"], pca_dim)
+        space = whiten(out["features"], pca_dim)[0]
         scores[f"{split}/silhouette"] = silhouette(space, answer, seed=seed)
     if "head" in out and "kmeans" in out:
         scores[f"{split}/agreement"] = float(normalized_mutual_info_score(out["head"], out["kmeans"]))

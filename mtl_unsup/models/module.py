@@ -255,14 +255,15 @@ class MultiTaskModule(L.LightningModule):
                 f"{where} does not fit this model (written by {made_by}; backbone, tasks or k "
                 f"differ): {str(err).splitlines()[0]} Use a checkpoint of the same model and "
                 "version, or train a new one.") from None
+        self._adopt_clustering(checkpoint)
+
+    def _adopt_clustering(self, checkpoint: dict[str, Any]) -> None:
         if "cluster_state" in checkpoint and not self.ignore_checkpoint_clustering:
             self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
                                    reset_head=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "cluster_state" in checkpoint and not self.ignore_checkpoint_clustering:
-            self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
-                                   reset_head=False)
+        self._adopt_clustering(checkpoint)
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:

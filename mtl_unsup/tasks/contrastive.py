@@ -24,7 +24,7 @@ class ContrastiveTask(Task):
 
     def __init__(self, weight: float = 1.0, view: str = "strong", start_epoch: int = 0,
                  temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512,
-                 gather_distributed: bool = False) -> None:
+                 gather_distributed: bool = True) -> None:
         super().__init__(weight, view, start_epoch)
         if temperature <= 0:
             raise ValueError(f"task.contrastive.temperature must be > 0, got {temperature}")
