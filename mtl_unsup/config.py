@@ -68,6 +68,11 @@ class ClusterConfig:
     nredo: int = 5
     every_n_epochs: int = 5
     warm_start: bool = True
+    assign: str = "kmeans"
+    marginals: str = "uniform"
+    min_size: float = 0.5
+    sinkhorn_epsilon: float = 0.05
+    answer: str = "auto"
 
 
 @dataclass
@@ -170,6 +175,7 @@ def check_config(cfg: Any) -> None:
         problems.append(f"cluster.pca_dim={cfg.cluster.pca_dim}: use a positive size, or null for no PCA.")
     if cfg.cluster.niter < 1 or cfg.cluster.nredo < 1:
         problems.append("cluster.niter and cluster.nredo must be >= 1.")
+    problems += cluster_problems(cfg.cluster)
     if not cfg.task:
         problems.append("task is empty: compose at least one task, e.g. task=[cluster,contrastive].")
     for name, task in (cfg.task or {}).items():
@@ -182,6 +188,18 @@ def check_config(cfg: Any) -> None:
     problems += trainer_problems(cfg.trainer)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def cluster_problems(cluster: Any) -> list[str]:
+    """The ``cluster`` group's assignment settings (see ``mtl_unsup.clustering.refresh``)."""
+    from mtl_unsup.clustering.refresh import ClusterSettings
+
+    try:
+        ClusterSettings(assign=cluster.assign, marginals=cluster.marginals,
+                        min_size=cluster.min_size, sinkhorn_epsilon=cluster.sinkhorn_epsilon)
+    except ValueError as err:
+        return [str(err)]
+    return []
 
 
 def _batches(value: Any) -> bool:

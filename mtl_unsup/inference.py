@@ -50,7 +50,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
         backbone, tasks, num_clusters=int(cfg.cluster.k), optimizer=None,
         augmentations={name: nn.Identity() for name in cfg.data.augmentations},
         mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
-        config=ckpt["mtl_config"],
+        config=ckpt["mtl_config"], answer=str(cfg.cluster.get("answer", "auto")),
     )
     module.load_weights(ckpt, str(path))
     return module.eval(), cfg
@@ -105,7 +105,7 @@ def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_
     state = module.cluster_state
     feats, clusters, confidence, distance = [], [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-        out = module.predict_clusters(batch["image"].to(device), kmeans=module.cluster_task is None)
+        out = module.predict_clusters(batch["image"].to(device), kmeans=module.answer() is None)
         if "logits" in out:
             probs = out["logits"].float().softmax(dim=1)
             conf, cluster = probs.max(dim=1)

@@ -10,9 +10,20 @@ from torchmetrics.functional.clustering import (
 )
 
 
-def score_clustering(preds: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def many_to_one_accuracy(preds: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of images in their cluster's majority class: ACC when several clusters may map to
+    one class (overclustering, Ji et al. 2019). Equals one-to-one ACC at best when k = classes."""
+    k, c = int(preds.max()) + 1, int(target.max()) + 1
+    counts = torch.zeros(k, c, dtype=torch.long)
+    counts.index_put_((preds, target), torch.ones(len(preds), dtype=torch.long), accumulate=True)
+    return float(counts.max(dim=1).values.sum()) / len(preds)
+
+
+def score_clustering(preds: torch.Tensor, target: torch.Tensor,
+                     num_clusters: int | None = None) -> dict[str, float]:
     """ACC (best one-to-one cluster-to-class matching), NMI and ARI of ``preds`` against
-    ``target`` (entries with target < 0 ignored).
+    ``target`` (entries with target < 0 ignored); with ``num_clusters`` other than the number of
+    classes, also many-to-one ACC (``acc_m2o``).
 
     Plain functions of the two tensors: no state, and no collective under DDP (the caller
     gathers the whole split first), so one rank can score alone.
@@ -22,16 +33,20 @@ def score_clustering(preds: torch.Tensor, target: torch.Tensor) -> dict[str, flo
     if len(target) == 0:
         return {}
     size = max(int(preds.max()), int(target.max())) + 1
-    return {
+    scores = {
         "acc": float(cluster_accuracy(preds, target, num_classes=max(size, 2))),
         "nmi": float(normalized_mutual_info_score(preds, target)),
         "ari": float(adjusted_rand_score(preds, target)),
     }
+    if num_clusters is not None and num_clusters != len(target.unique()):
+        scores["acc_m2o"] = many_to_one_accuracy(preds, target)
+    return scores
 
 
 # Metric names that read ground-truth labels. They are reported, never used to choose anything
 # (checkpoint, head, k, sweep objective) unless the user names one on purpose.
-LABELLED_NAMES = ("acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari")
+LABELLED_NAMES = ("acc", "nmi", "ari", "acc_m2o", "kmeans_acc", "kmeans_nmi", "kmeans_ari",
+                  "kmeans_acc_m2o")
 
 
 def reads_labels(metric: str) -> bool:

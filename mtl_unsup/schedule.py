@@ -36,12 +36,12 @@ def schedule_findings(cfg: DictConfig, tasks: Mapping[str, Task]) -> list[str]:
         for name, task in live.items():
             if task.start_epoch >= max_epochs:
                 answer = (" The run's clusters will be the final k-means of the features."
-                          if task.needs_pseudo_labels else "")
+                          if task.has_cluster_heads else "")
                 findings.append(f"task.{name}.start_epoch={task.start_epoch} >= trainer.max_epochs="
                                 f"{max_epochs}: the {name} task never trains.{answer}")
         every = cfg.cluster.every_n_epochs
         for name, task in live.items():
-            if task.needs_pseudo_labels and task.start_epoch < max_epochs <= task.start_epoch + every:
+            if task.refreshes and task.start_epoch < max_epochs <= task.start_epoch + every:
                 findings.append(f"cluster.every_n_epochs={every}: the {name} task's pseudo-labels are "
                                 f"computed once (epoch {task.start_epoch}) and never refreshed before "
                                 f"the run ends (trainer.max_epochs={max_epochs}). Lower "

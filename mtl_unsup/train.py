@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.clustering.callback import PseudoLabelCallback
+from mtl_unsup.clustering.refresh import ClusterSettings
 from mtl_unsup.config import ConfigValueError, check_config, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
@@ -39,7 +41,16 @@ register_configs()
 
 
 def build_tasks(cfg: DictConfig) -> dict[str, Any]:
-    return {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
+    """Instantiate every task; a value a task rejects stops the run, naming ``task.<name>``."""
+    tasks = {}
+    for name, task_cfg in cfg.task.items():
+        try:
+            tasks[name] = instantiate(task_cfg)
+        except InstantiationException as err:
+            if not isinstance(err.__cause__, ValueError):
+                raise
+            raise ConfigValueError(f"task.{name}: {err.__cause__}") from None
+    return tasks
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
@@ -64,7 +75,7 @@ def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: d
     objective), checked before training: a misspelt or impossible one stops the run naming the
     choices. One that reads ground-truth labels is allowed when named, and the run says so.
     """
-    has_head = any(task.needs_pseudo_labels and task.weight > 0 for task in tasks.values())
+    has_head = any(task.has_cluster_heads and task.weight > 0 for task in tasks.values())
     during_fit = {"train/loss", *(f"train/loss_{n}" for n, t in tasks.items() if t.weight > 0)}
 
     def names(split: str) -> set[str]:
@@ -90,6 +101,17 @@ def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: d
                  "not an unsupervised result.", key, metric)
 
 
+def cluster_settings(cfg: DictConfig) -> ClusterSettings:
+    """The ``cluster`` group as the refresh reads it (a wrong value stops the run, naming it)."""
+    c = cfg.cluster
+    try:
+        return ClusterSettings(pca_dim=c.pca_dim, niter=c.niter, nredo=c.nredo,
+                               warm_start=c.warm_start, assign=c.assign, marginals=c.marginals,
+                               min_size=c.min_size, sinkhorn_epsilon=c.sinkhorn_epsilon)
+    except ValueError as err:
+        raise ConfigValueError(str(err)) from None
+
+
 def build_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], ModelCheckpoint]:
     """Pseudo-labels, ``last.ckpt`` every few steps (for resuming), and the best checkpoint by
     ``checkpoint.monitor`` when one is named (none by default: ``last.ckpt`` is the model)."""
@@ -98,11 +120,8 @@ def build_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], ModelCheckpoint]
     last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint.every_n_train_steps)
     callbacks: list[L.Callback] = [
-        PseudoLabelCallback(
-            k=cfg.cluster.k, pca_dim=cfg.cluster.pca_dim, niter=cfg.cluster.niter,
-            nredo=cfg.cluster.nredo, every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed,
-            warm_start=cfg.cluster.warm_start,
-        ),
+        PseudoLabelCallback(k=cfg.cluster.k, settings=cluster_settings(cfg),
+                            every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed),
         last,
     ]
     if monitor:
@@ -185,6 +204,7 @@ def build_run(cfg: DictConfig) -> Run:
         config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
         cluster_settings={"pca_dim": cfg.cluster.pca_dim, "niter": cfg.cluster.niter,
                           "nredo": cfg.cluster.nredo},
+        answer=cfg.cluster.answer,
     )
     callbacks, checkpoint = build_callbacks(cfg)
     logger = instantiate(cfg.logger) if cfg.logger else False

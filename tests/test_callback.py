@@ -19,10 +19,10 @@ class Spy(L.Callback):
     def on_train_epoch_start(self, trainer, module) -> None:  # runs after the pseudo-label callback
         self.labels.append(module.cluster_state.labels.clone())
         self.epochs.append(torch.tensor(module.cluster_state.epoch))
-        self.head_after.append(module.cluster_task.head.linear.weight.detach().clone())
+        self.head_after.append(module.tasks['cluster'].head.linear.weight.detach().clone())
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        self.head_before.append(module.cluster_task.head.linear.weight.detach().clone())
+        self.head_before.append(module.tasks['cluster'].head.linear.weight.detach().clone())
 
 
 def test_pseudo_labels_refresh_and_head_is_reinitialised(shapes_dir, tmp_path):
@@ -38,7 +38,7 @@ def test_pseudo_labels_refresh_and_head_is_reinitialised(shapes_dir, tmp_path):
     for epoch in (1, 2):  # the head trained in the previous epoch is replaced by a fresh one
         assert not torch.allclose(spy.head_before[epoch - 1], spy.head_after[epoch])
     # the head's Adam moments were dropped with it
-    head = set(run.module.cluster_task.head.parameters())
+    head = set(run.module.tasks['cluster'].head.parameters())
     optimizer = run.trainer.optimizers[0]
     backbone_steps = optimizer.state[next(iter(run.module.backbone.parameters()))]["step"]
     assert all(optimizer.state[p]["step"] < backbone_steps for p in head)
@@ -62,4 +62,4 @@ def test_clustering_state_survives_a_checkpoint_round_trip(shapes_dir, tmp_path)
     for key, value in saved.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(fresh.cluster_state.state_dict()[key], value)
-    assert torch.equal(fresh.cluster_task.pseudo_labels, saved.labels)
+    assert torch.equal(fresh.tasks['cluster'].pseudo_labels, saved.labels)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtl_unsup.clustering.kmeans import ClusterState
 from mtl_unsup.data.images import ImageList
 from mtl_unsup.models.backbones import SmallCNN
 from mtl_unsup.models.module import MultiTaskModule
@@ -51,7 +52,8 @@ def make_module(tasks, k=3):
 def test_cluster_loss_looks_pseudo_labels_up_by_dataset_index():
     task = ClusterTask(balance="none")
     module = make_module({"cluster": task})
-    task.set_pseudo_labels(torch.tensor([2, 0, 1, 1, 0, 2]))
+    labels = torch.tensor([2, 0, 1, 1, 0, 2])
+    task.adopt(ClusterState(labels, torch.randn(3, 4), torch.zeros(4), torch.eye(4)), reset_head=False)
     x = torch.rand(3, 1, 8, 8)
     index = torch.tensor([5, 1, 3])
     batch = TaskBatch({"weak": [x]}, index, module.backbone)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-import mtl_unsup.clustering.callback as callback_module
+import mtl_unsup.clustering.refresh as refresh_module
 from mtl_unsup.schedule import schedule_findings
 from mtl_unsup.train import train
 
@@ -34,13 +34,13 @@ def test_wasteful_schedules_are_named_at_start(tmp_path, overrides, says):
 
 def clustering_epochs(monkeypatch) -> list[int]:
     epochs: list[int] = []
-    real = callback_module.cluster_features
+    real = refresh_module.cluster_whitened
 
     def counting(*args, **kwargs):
         epochs.append(kwargs["epoch"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(callback_module, "cluster_features", counting)
+    monkeypatch.setattr(refresh_module, "cluster_whitened", counting)
     return epochs
 
 
@@ -64,7 +64,7 @@ def test_a_head_that_never_trained_answers_with_the_final_kmeans(shapes_dir, tmp
         assert metrics[f"{split}/agreement"] == pytest.approx(1.0)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert int(ckpt["state_dict"]["tasks.cluster.trained_steps"]) == 0
-    assert "The clustering head never trained" in caplog.text
+    assert "The cluster head never trained" in caplog.text
 
 
 class CollapseHead(L.Callback):
@@ -73,8 +73,8 @@ class CollapseHead(L.Callback):
     def on_train_epoch_end(self, trainer, module) -> None:
         if trainer.current_epoch == trainer.max_epochs - 1:
             with torch.no_grad():
-                module.cluster_task.head.linear.weight.zero_()
-                module.cluster_task.head.linear.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+                module.tasks["cluster"].head.linear.weight.zero_()
+                module.tasks["cluster"].head.linear.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
 
 
 def test_a_head_that_fell_apart_is_replaced_by_the_final_kmeans(shapes_dir, tmp_path, caplog):

@@ -1,15 +1,16 @@
-"""Refreshes the pseudo-labels with k-means on the backbone's features (DeepCluster)."""
+"""Refreshes every task's dataset-level targets from one feature pass (DeepCluster and after)."""
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional.clustering import normalized_mutual_info_score
 
-from mtl_unsup.clustering.kmeans import ClusterState, cluster_features, matching_permutation
+from mtl_unsup.clustering.kmeans import ClusterState, matching_permutation
+from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext
 from mtl_unsup.distributed import gather_rows
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import score_clustering
@@ -35,71 +36,60 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     return out
 
 
-# Below this NMI between the trained head and the final k-means, the head is no answer.
-MIN_HEAD_AGREEMENT = 0.5
-
-
 class PseudoLabelCallback(L.Callback):
-    """Cluster the training set when a task reads the result, and hand the labels to the module.
+    """Refresh the dataset-level targets of the tasks that read them, from one feature pass.
 
-    The first clustering happens at the epoch the clustering task starts, then every
-    ``every_n_epochs`` epochs; no k-means runs while no task reads its labels. At the end of
-    training the final features are clustered once more, for evaluation and prediction.
+    A task's first refresh happens at the epoch it starts, then every ``every_n_epochs`` epochs
+    while it trains; no feature pass runs while no task is due. Each refresh also clusters the
+    features with k-means at ``cluster.k`` (the module's :class:`ClusterState`, which evaluation
+    and prediction assign new images with). At the end of training the final features are
+    clustered once more, and each task may replace a head that is no answer (see
+    :meth:`~mtl_unsup.tasks.base.Task.finish`).
 
-    The recipe: features without augmentation -> PCA-whitening -> L2 -> FAISS k-means (no cluster
-    left empty) -> the module's clustering head is re-initialised. Clustering runs on rank 0 and is
-    broadcast, so every rank trains on the same labels. The resulting :class:`ClusterState` lives on
-    the module and is saved in its checkpoints.
+    The recipe: features without augmentation -> PCA-whitening -> L2 -> what each task asks of the
+    :class:`RefreshContext` (k-means labels, balanced labels, neighbours). It runs on rank 0 and is
+    broadcast, so every rank trains on the same targets; every state lives in the checkpoint.
 
     Args:
-        k: number of clusters.
-        pca_dim: whitening dimension (None or 0: no PCA).
-        niter: k-means iterations; nredo: k-means restarts (the best objective is kept).
-        every_n_epochs: re-cluster period.
+        k: number of clusters (``cluster.k``).
+        settings: the rest of the ``cluster`` group.
+        every_n_epochs: refresh period.
         seed: k-means seed (offset by the epoch, so each refresh differs but reruns agree).
-        warm_start: also start k-means from the previous clusters' means; the start with the
-            lowest objective wins (see :func:`cluster_features`).
     """
 
-    def __init__(self, k: int, pca_dim: int | None = 32, niter: int = 20, nredo: int = 5,
-                 every_n_epochs: int = 1, seed: int = 0, warm_start: bool = True) -> None:
+    def __init__(self, k: int, settings: ClusterSettings | None = None, every_n_epochs: int = 1,
+                 seed: int = 0) -> None:
         if k < 2:
             raise ValueError(f"cluster.k={k}: at least 2 clusters are needed.")
         if every_n_epochs < 1:
             raise ValueError(f"cluster.every_n_epochs={every_n_epochs} must be >= 1.")
-        self.k, self.pca_dim, self.niter, self.nredo = k, pca_dim, niter, nredo
-        self.every_n_epochs, self.seed, self.warm_start = every_n_epochs, seed, warm_start
+        self.k, self.settings = k, settings or ClusterSettings()
+        self.every_n_epochs, self.seed = every_n_epochs, seed
 
-    def refresh(self, trainer: L.Trainer, module: L.LightningModule, reset_head: bool,
-                head_init: str | None = None) -> dict:
-        """Re-cluster now; returns statistics of the new assignment.
+    def context(self, trainer: L.Trainer, module: L.LightningModule,
+                features: torch.Tensor) -> RefreshContext:
+        previous: dict[int, torch.Tensor] = {}
+        for task in module.tasks.values():  # the module's own k-means wins for its k
+            state = getattr(task, "state", None)
+            if isinstance(state, ClusterState):
+                previous[state.k] = state.labels
+        if module.cluster_state is not None:
+            previous[module.cluster_state.k] = module.cluster_state.labels
+        previous = {k: v for k, v in previous.items() if len(v) == len(features)}
+        return RefreshContext(features, trainer.current_epoch, self.seed, self.settings,
+                              trainer.datamodule.fingerprint, previous)
 
-        Without ``reset_head`` (the final clustering) the new clusters are renamed to agree with
-        the trained head's predictions, so head and k-means speak of the same cluster numbers.
-        """
+    def refresh(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> dict:
+        """Refresh the named tasks now; returns statistics of the new k-means."""
         features = extract_features(trainer, module)
-        epoch = trainer.current_epoch
-        state = None
-        previous = module.cluster_state
-        init = None
-        if self.warm_start and previous is not None and len(previous.labels) == len(features):
-            init = previous.labels
-        agreement = None
+        payload = None
         if trainer.is_global_zero:
-            state = cluster_features(features, self.k, self.pca_dim, self.niter, self.nredo,
-                                     seed=self.seed + epoch, epoch=epoch, init_labels=init)
-            state = dataclasses.replace(state, fingerprint=trainer.datamodule.fingerprint)
-            task = module.cluster_task
-            if not reset_head and task is not None:
-                with torch.no_grad():
-                    head = task.logits(features.to(module.device)).argmax(1).cpu()
-                state = state.relabelled(matching_permutation(state.labels, head, state.k))
-                agreement = float(normalized_mutual_info_score(head, state.labels))
-        state, agreement = trainer.strategy.broadcast((state, agreement), src=0)
+            ctx = self.context(trainer, module, features)
+            payload = (ctx.kmeans(self.k), {n: module.tasks[n].refresh(ctx) for n in names})
+        state, states = trainer.strategy.broadcast(payload, src=0)
         stats = self._stats(trainer, module.cluster_state, state)
-        if agreement is not None:
-            stats["cluster/head_agreement"] = agreement
-        module.set_cluster_state(state, reset_head=reset_head, head_init=head_init)
+        module.set_cluster_state(state)
+        module.adopt_task_states(states, reset_head=True)
         return stats
 
     def _stats(self, trainer: L.Trainer, old: ClusterState | None, new: ClusterState) -> dict:
@@ -113,52 +103,54 @@ class PseudoLabelCallback(L.Callback):
                 stats[f"cluster/train_{name}"] = torch.tensor(value)
         return {k: float(v) for k, v in stats.items()}
 
-    def due(self, module: L.LightningModule, epoch: int) -> bool:
-        """Whether ``epoch`` starts with a fresh clustering."""
-        task = module.cluster_task
-        if task is None or not task.active(epoch):
-            return False  # nobody reads pseudo-labels this epoch: no k-means
-        state = module.cluster_state
-        if state is None or state.epoch < task.start_epoch:
-            return True  # the task starts (or restarts from a checkpoint without labels)
-        return state.epoch != epoch and (epoch - task.start_epoch) % self.every_n_epochs == 0
+    def due(self, module: L.LightningModule, epoch: int) -> list[str]:
+        """The tasks whose targets are refreshed at the start of ``epoch``."""
+        return [name for name, task in module.tasks.items() if self.task_due(task, epoch)]
+
+    def task_due(self, task: Any, epoch: int) -> bool:
+        if not task.refreshes or not task.active(epoch):
+            return False  # nobody reads this task's targets this epoch
+        last = task.refreshed_epoch
+        if last is None or last < task.start_epoch:
+            return True  # the task starts (or restarts from a checkpoint without targets)
+        return last != epoch and (epoch - task.start_epoch) % self.every_n_epochs == 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        if not self.due(module, epoch):
-            task, state = module.cluster_task, module.cluster_state
-            if task is not None and task.pseudo_labels is None and state is not None:
-                module.set_cluster_state(state, reset_head=False)
+        names = self.due(module, trainer.current_epoch)
+        if not names:
             return
-        stats = self.refresh(trainer, module, reset_head=True)
+        stats = self.refresh(trainer, module, names)
         for name, value in stats.items():
             module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
-        rank_zero_info(f"epoch {epoch} clusters: "
+        rank_zero_info(f"epoch {trainer.current_epoch} clusters: "
                        + ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in stats.items()))
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.finish(trainer, module)
 
     def finish(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """Final assignment with the final weights, so k-means evaluation matches the model.
+        """Final k-means with the final weights, so k-means evaluation matches the model.
 
-        The clustering head is the run's answer only if it is one: a head that never trained
-        (the run ended before its task started) or whose clusters no longer match the final
-        k-means of the training features (NMI below ``MIN_HEAD_AGREEMENT``: it fell apart, e.g.
-        into one cluster) becomes the nearest-centroid classifier of this k-means, and the run
-        says so. The test reads no label.
+        Each task may replace a head that is no answer (a clustering head that never trained,
+        or fell apart, becomes the nearest-centroid classifier of this k-means); the run says
+        so. The final clusters are then renamed to agree with the answer head, so head and
+        k-means speak of the same cluster numbers. Nothing here reads a label.
         """
-        task = module.cluster_task
-        untrained = task is not None and int(task.trained_steps) == 0
-        stats = self.refresh(trainer, module, reset_head=untrained, head_init="centroids")
-        agreement = stats.get("cluster/head_agreement", 1.0)
-        if untrained:
-            why = (f"never trained (its task starts at epoch {task.start_epoch}, training ended at "
-                   f"epoch {trainer.current_epoch})")
-        elif agreement < MIN_HEAD_AGREEMENT:
-            why = f"disagrees with the final k-means of the training features (NMI {agreement:.2f})"
-            module.set_cluster_state(module.cluster_state, reset_head=True, head_init="centroids")
-        else:
-            return
-        rank_zero_info(f"The clustering head {why}: it now predicts the final k-means clusters, "
-                       "and its scores are those of k-means.")
+        features = extract_features(trainer, module)
+        payload = None
+        if trainer.is_global_zero:
+            ctx = self.context(trainer, module, features)
+            replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if t.weight > 0}
+            payload = (ctx.kmeans(self.k), {n: r for n, r in replaced.items() if r is not None})
+        state, replaced = trainer.strategy.broadcast(payload, src=0)
+        module.adopt_task_states({n: s for n, (s, _) in replaced.items()}, reset_head=True,
+                                 head_init="centroids")
+        for name, (_, why) in replaced.items():
+            rank_zero_info(f"The {name} head {why}: it now predicts the final k-means clusters, "
+                           "and its scores are those of k-means.")
+        answer = module.answer()
+        if trainer.is_global_zero and answer is not None:
+            with torch.no_grad(), eval_mode(module):
+                head = module.head_logits(features.to(module.device))[answer].argmax(1).cpu()
+            state = state.relabelled(matching_permutation(state.labels, head, state.k))
+        module.set_cluster_state(trainer.strategy.broadcast(state, src=0))

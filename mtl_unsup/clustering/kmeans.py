@@ -169,14 +169,22 @@ def cluster_features(
     features: torch.Tensor, k: int, pca_dim: int | None = 128, niter: int = 20, nredo: int = 1,
     seed: int = 0, epoch: int = 0, init_labels: torch.Tensor | None = None,
 ) -> ClusterState:
-    """PCA-whiten, L2-normalise and k-means ``features``; no cluster is left empty.
+    """PCA-whiten, L2-normalise and k-means ``features``; no cluster is left empty."""
+    x, mean, proj = whiten(features, pca_dim)
+    return cluster_whitened(x, mean, proj, k, niter, nredo, seed, epoch, init_labels)
+
+
+def cluster_whitened(
+    x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, k: int, niter: int = 20,
+    nredo: int = 1, seed: int = 0, epoch: int = 0, init_labels: torch.Tensor | None = None,
+) -> ClusterState:
+    """k-means of already whitened rows ``x`` (see :func:`whiten`, which gave ``mean``, ``proj``).
 
     k-means takes the best of ``nredo`` random starts and, given ``init_labels`` (the previous
     assignment), of one more start from those clusters' means in the new feature space. The
     lowest objective wins, so a good partition is kept (with its cluster identities) unless the
     new features clearly favour another.
     """
-    x, mean, proj = whiten(features, pca_dim)
     labels, centroids, objective = run_kmeans(x, k, niter=niter, nredo=nredo, seed=seed)
     if init_labels is not None and len(init_labels) == len(x) and int(init_labels.max()) < k:
         counts = torch.bincount(init_labels, minlength=k).clamp(min=1).unsqueeze(1).float()

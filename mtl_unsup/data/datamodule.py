@@ -184,6 +184,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Ground truth of the training set, for logging clustering quality only."""
         return torch.tensor(self.splits["train"].labels, dtype=torch.long)
 
+    def train_images(self, indices: torch.Tensor) -> torch.Tensor:
+        """Plain [0, 1] training images by dataset index, stacked (for tasks that need images
+        other than the batch's, such as neighbours)."""
+        dataset = self._dataset("train")
+        return torch.stack([dataset[int(i)]["image"] for i in indices])
+
     # ----------------------------------------------------------------------------- loaders
     def _dataset(self, split: str) -> ImageDataset:
         return ImageDataset(self.splits[split], self.channels, image_transform(self.image_size))

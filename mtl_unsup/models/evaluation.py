@@ -53,24 +53,28 @@ class SplitRecorder:
 
 
 def split_metric_names(split: str, num_images: int, has_head: bool, has_labels: bool) -> set[str]:
-    """The keys :func:`score_split` gives for a split (k-means is always scored; none for a split
-    of fewer than 2 images)."""
+    """The label-free keys :func:`score_split` gives for a split, with ACC/NMI/ARI when the
+    images have labels (k-means is always scored; nothing for a split of fewer than 2 images).
+    Per-head and many-to-one scores, which depend on the data, come on top."""
     if num_images < 2:
         return set()
     names = ["silhouette", *(["agreement"] if has_head else [])]
-    names += list(LABELLED_NAMES) if has_labels else []
+    names += [n for n in LABELLED_NAMES if "m2o" not in n] if has_labels else []
     return {f"{split}/{name}" for name in names}
 
 
 def score_split(
     split: str, out: dict[str, torch.Tensor], pca_dim: int | None, seed: int = 0,
     fit_kmeans: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    num_clusters: int | None = None, head_sizes: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Label-free scores of the run's answer, then (for labelled images) ACC/NMI/ARI.
 
-    The answer is the clustering head's argmax (k-means' when there is no head). ``fit_kmeans``
-    (validation) clusters the split's own current features; otherwise ``out["kmeans"]`` holds
-    the assignment to the training set's centroids.
+    The answer is ``out["head"]``, the chosen clustering head's argmax (k-means' when there is
+    no head). ``fit_kmeans`` (validation) clusters the split's own current features; otherwise
+    ``out["kmeans"]`` holds the assignment to the training set's centroids. Every other head in
+    ``out["heads/<name>"]`` (of ``head_sizes[name]`` clusters) is scored as ``split/<name>/...``;
+    where a clustering's k differs from the number of classes, many-to-one ACC comes too.
     """
     if len(out["index"]) < 2:
         return {}
@@ -84,8 +88,17 @@ def score_split(
     if "head" in out and "kmeans" in out:
         scores[f"{split}/agreement"] = float(normalized_mutual_info_score(out["head"], out["kmeans"]))
     labelled = out["label"] >= 0  # ground truth: reported only
+    if not labelled.any():
+        return scores
+    target = out["label"][labelled]
     for kind, prefix in (("head", ""), ("kmeans", "kmeans_")):
-        if kind in out and labelled.any():
-            for name, value in score_clustering(out[kind][labelled], out["label"][labelled]).items():
+        if kind in out:
+            for name, value in score_clustering(out[kind][labelled], target, num_clusters).items():
                 scores[f"{split}/{prefix}{name}"] = value
+    for key in out:
+        if key.startswith("heads/"):
+            name = key.split("/", 1)[1]
+            k = (head_sizes or {}).get(name)
+            for metric, value in score_clustering(out[key][labelled], target, k).items():
+                scores[f"{split}/{name}/{metric}"] = value
     return scores

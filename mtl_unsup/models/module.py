@@ -12,10 +12,12 @@ from torch import nn
 
 import mtl_unsup
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
+from mtl_unsup.config import ConfigValueError
 from mtl_unsup.errors import CheckpointError, UserError
 from mtl_unsup.models.evaluation import SplitRecorder, score_split
 from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch
+from mtl_unsup.tasks.cluster import ClusterTask
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -38,6 +40,8 @@ class MultiTaskModule(L.LightningModule):
         seed: the run's seed; with the rank, epoch and batch it seeds each training step.
         cluster_settings: ``pca_dim``, ``niter`` and ``nredo`` of the clustering, used to score
             validation with k-means fitted on the current validation features.
+        answer: the clustering head whose clusters are the run's answer (see :meth:`answer`):
+            ``auto`` or a head's name.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class MultiTaskModule(L.LightningModule):
         config: dict | None = None,
         seed: int = 0,
         cluster_settings: Mapping[str, Any] | None = None,
+        answer: str = "auto",
     ) -> None:
         super().__init__()
         if not tasks:
@@ -66,7 +71,15 @@ class MultiTaskModule(L.LightningModule):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         for task in self.tasks.values():
             task.build(backbone.feature_dim, num_clusters)
+        for task in self.tasks.values():
+            task.bind(self.tasks)
         self.num_clusters = num_clusters
+        self.heads = self._head_table()
+        self.answer_setting = answer
+        if answer != "auto" and self.heads.get(answer, (None, None, 0))[2] != num_clusters:
+            choices = [n for n, (_, _, k) in self.heads.items() if k == num_clusters]
+            raise ConfigValueError(f"cluster.answer={answer!r} is not a clustering head with cluster.k="
+                             f"{num_clusters} clusters; choose auto or one of {choices}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_splits = tuple(eval_splits)
         self.config = config or {}
@@ -108,28 +121,70 @@ class MultiTaskModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------------- clustering
-    @property
-    def cluster_task(self) -> Task | None:
-        return next((t for t in self.tasks.values() if t.needs_pseudo_labels), None)
+    def _head_table(self) -> dict[str, tuple[str, str, int]]:
+        """Full head name -> (task name, the task's name for it, number of clusters)."""
+        table = {}
+        for name, task in self.tasks.items():
+            for sub, k in task.cluster_heads().items():
+                table[f"{name}_{sub}" if sub else name] = (name, sub, k)
+        return table
 
-    def set_cluster_state(self, state: ClusterState, reset_head: bool = True,
-                          head_init: str | None = None) -> None:
-        """Adopt new pseudo-labels; with ``reset_head`` the clustering head starts afresh
-        (as the task's ``head_init`` says, unless ``head_init`` is given)."""
+    def answer(self) -> str | None:
+        """The clustering head that is the run's answer, chosen without labels (None: k-means').
+
+        ``cluster.answer`` names one; ``auto`` takes, among the trained tasks with a head of
+        ``cluster.k`` clusters, the one that starts last (a later stage refines an earlier one;
+        the first in the task list on a tie), and that task's own choice among its heads (SCAN:
+        the lowest loss).
+        """
+        if self.answer_setting != "auto":
+            return self.answer_setting
+        best, latest = None, -1
+        for name, task in self.tasks.items():
+            sub = task.answer_head()
+            if task.weight == 0 or sub is None or task.cluster_heads()[sub] != self.num_clusters:
+                continue
+            if task.start_epoch > latest:
+                best, latest = (f"{name}_{sub}" if sub else name), task.start_epoch
+        return best
+
+    def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every clustering head, by full head name."""
+        out = {}
+        for name, task in self.tasks.items():
+            for sub, logits in task.head_logits(features).items():
+                out[f"{name}_{sub}" if sub else name] = logits
+        return out
+
+    def set_cluster_state(self, state: ClusterState) -> None:
+        """The k-means of the training features at ``cluster.k``: evaluation and prediction
+        assign new images to its centroids."""
         self.cluster_state = state
-        task = self.cluster_task
-        if task is None:
-            return
-        task.set_pseudo_labels(state.labels)
-        if reset_head:
-            task.reset_head(state, head_init)
-            if self._trainer is not None:
-                head = set(task.head.parameters())
+
+    def adopt_task_states(self, states: Mapping[str, Any], reset_head: bool = True,
+                          head_init: str | None = None) -> None:
+        """Hand each task its new dataset-level state; restarted heads lose their optimizer moments."""
+        for name, state in states.items():
+            task = self.tasks[name]
+            kwargs = {"head_init": head_init} if head_init else {}
+            restarted = task.adopt(state, reset_head=reset_head, **kwargs)
+            if restarted and self._trainer is not None:
                 for optimizer in self.trainer.optimizers:
-                    for p in head:
+                    for p in restarted:
                         optimizer.state.pop(p, None)
 
     # ------------------------------------------------------------------------- training
+    @torch.no_grad()
+    def fetch_views(self, view: str, indices: torch.Tensor) -> torch.Tensor:
+        """Augmented, normalised ``view`` of the training images at ``indices`` (e.g. the batch's
+        neighbours), read through the data module by dataset index."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "train_images"):
+            raise RuntimeError("This task reads training images by index: fit with a data module "
+                               "that has train_images() (ImageFolderDataModule).")
+        images = datamodule.train_images(indices.cpu()).to(self.device)
+        return self.normalize(self.augmentations[view](images))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
@@ -147,7 +202,8 @@ class MultiTaskModule(L.LightningModule):
         # makes a resumed run draw what the interrupted one would have.
         torch.manual_seed(self.step_seed(batch_idx))
         # Only views and indices go to the tasks: ground-truth labels never reach a loss.
-        task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone)
+        task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone,
+                               fetch=self.fetch_views)
         total = torch.zeros((), device=self.device)
         bs = len(batch["index"])
         losses: dict[str, torch.Tensor] = {}
@@ -174,14 +230,14 @@ class MultiTaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ------------------------------------------------------------------------- evaluation
-    def predict_clusters(self, x: torch.Tensor, kmeans: bool = True) -> dict[str, torch.Tensor]:
-        """Backbone features, head logits (if a cluster task) and k-means assignment (if fitted
-        and asked for)."""
+    def predict_clusters(self, x: torch.Tensor, kmeans: bool = True) -> dict[str, Any]:
+        """Backbone features, every clustering head's logits (``heads``), the answer's
+        (``logits``, if a head is the answer) and the k-means assignment (if fitted and asked for)."""
         features = self.features(x)
-        out = {"features": features}
-        task = self.cluster_task
-        if task is not None:
-            out["logits"] = task.logits(features)
+        out: dict[str, Any] = {"features": features, "heads": self.head_logits(features)}
+        answer = self.answer()
+        if answer is not None:
+            out["logits"] = out["heads"][answer]
         if kmeans and self.cluster_state is not None:
             out["kmeans"], out["distance"] = self.cluster_state.assign(features)
         return out
@@ -191,21 +247,27 @@ class MultiTaskModule(L.LightningModule):
         record = {"index": batch["index"], "label": batch["label"], "features": out["features"].float()}
         if "logits" in out:
             record["head"] = out["logits"].argmax(1)
+        if len(out["heads"]) > 1:
+            record.update({f"heads/{n}": logits.argmax(1) for n, logits in out["heads"].items()})
         if "kmeans" in out:
             record["kmeans"] = out["kmeans"].to(self.device)
         self.recorders[split].add(**record)
 
     def _eval_epoch_end(self, split: str) -> None:
         keys = ("index", "label", "features")
-        if self.cluster_task is not None:
+        if self.answer() is not None:
             keys += ("head",)
+        if len(self.heads) > 1:
+            keys += tuple(f"heads/{n}" for n in self.heads)
         if self._kmeans_from_state():
             keys += ("kmeans",)
         out = self.recorders[split].collect(self, keys)  # a collective: every rank enters it
         scores = None
         if self.trainer.is_global_zero:
             fit = None if self._kmeans_from_state() else self._fit_kmeans
-            scores = score_split(split, out, self.cluster_settings.get("pca_dim"), self.seed, fit)
+            sizes = {n: k for n, (_, _, k) in self.heads.items()}
+            scores = score_split(split, out, self.cluster_settings.get("pca_dim"), self.seed, fit,
+                                 self.num_clusters, sizes)
         scores = self.trainer.strategy.broadcast(scores, src=0)
         for name, value in sorted(scores.items()):
             self.log(name, float(value), prog_bar=name == "val/silhouette", sync_dist=True)
@@ -238,6 +300,9 @@ class MultiTaskModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.cluster_state is not None:
             checkpoint["cluster_state"] = self.cluster_state.state_dict()
+        states = {name: task.dataset_state() for name, task in self.tasks.items()}
+        checkpoint["task_states"] = {name: state for name, state in states.items() if state is not None}
+        checkpoint["answer"] = self.answer() or "kmeans"
         checkpoint["mtl_config"] = self.config
         checkpoint["mtl_version"] = f"mtl-unsup {mtl_unsup.__version__}"
         # The augmentations and random heads draw from the global RNGs: a resumed run must
@@ -258,9 +323,15 @@ class MultiTaskModule(L.LightningModule):
         self._adopt_clustering(checkpoint)
 
     def _adopt_clustering(self, checkpoint: dict[str, Any]) -> None:
-        if "cluster_state" in checkpoint and not self.ignore_checkpoint_clustering:
-            self.set_cluster_state(ClusterState.from_state_dict(checkpoint["cluster_state"]),
-                                   reset_head=False)
+        if self.ignore_checkpoint_clustering or "cluster_state" not in checkpoint:
+            return
+        state = ClusterState.from_state_dict(checkpoint["cluster_state"])
+        self.set_cluster_state(state)
+        states = dict(checkpoint.get("task_states", {}))
+        if "task_states" not in checkpoint:  # written before tasks owned their state
+            states = {n: checkpoint["cluster_state"] for n, t in self.tasks.items()
+                      if isinstance(t, ClusterTask) and t.num_clusters == state.k}
+        self.adopt_task_states({n: s for n, s in states.items() if n in self.tasks}, reset_head=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._adopt_clustering(checkpoint)

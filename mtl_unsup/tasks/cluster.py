@@ -1,14 +1,24 @@
-"""Clustering head trained on k-means pseudo-labels (DeepCluster, Caron et al., 2018)."""
+"""Clustering head trained on k-means pseudo-labels (DeepCluster, Caron et al., 2018).
+
+The same task with more clusters than classes is an overclustering head (IIC, Ji et al., 2019):
+``task=[...,overcluster]``; with ``cluster.assign=sinkhorn`` its targets are balanced (SeLa).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.clustering import normalized_mutual_info_score
 
 from mtl_unsup.clustering.head import ClusterHead
 from mtl_unsup.clustering.kmeans import ClusterState
+from mtl_unsup.clustering.refresh import RefreshContext
 from mtl_unsup.tasks.base import Task, TaskBatch
 from mtl_unsup.tasks.losses import balanced_class_weights
+
+# Below this NMI between the trained head and the final k-means, the head is no answer.
+MIN_HEAD_AGREEMENT = 0.5
 
 
 class ClusterTask(Task):
@@ -19,6 +29,8 @@ class ClusterTask(Task):
     are refreshed, since cluster numbers carry no meaning from one k-means to the next.
 
     Args:
+        k: number of clusters of this head (None: ``cluster.k`` times ``k_factor``).
+        k_factor: with ``k`` None, this many times ``cluster.k`` (overclustering: > 1).
         balance: ``weights`` scales each cluster's loss by the inverse of its size (DeepCluster
             samples uniformly over clusters to the same end); ``none`` leaves it plain.
         label_smoothing: cross-entropy label smoothing.
@@ -32,34 +44,67 @@ class ClusterTask(Task):
     since its last restart: a head that never trained is no answer of the run.
     """
 
-    needs_pseudo_labels = True
+    refreshes = True
+    has_cluster_heads = True
 
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
+                 stop_epoch: int | None = None, k: int | None = None, k_factor: int = 1,
                  balance: str = "weights", label_smoothing: float = 0.0,
                  head_init: str = "centroids", head_temperature: float = 0.1) -> None:
-        super().__init__(weight, view, start_epoch)
+        super().__init__(weight, view, start_epoch, stop_epoch)
         if balance not in ("weights", "none"):
-            raise ValueError(f"task.cluster.balance={balance!r} is not one of weights, none")
+            raise ValueError(f"balance={balance!r} is not one of weights, none")
         if head_init not in ("centroids", "random"):
-            raise ValueError(f"task.cluster.head_init={head_init!r} is not one of centroids, random")
+            raise ValueError(f"head_init={head_init!r} is not one of centroids, random")
         if head_temperature <= 0:
-            raise ValueError(f"task.cluster.head_temperature={head_temperature} must be > 0")
+            raise ValueError(f"head_temperature={head_temperature} must be > 0")
+        if (k is not None and k < 2) or k_factor < 1:
+            raise ValueError(f"k={k} must be >= 2 (or null), and k_factor={k_factor} >= 1")
+        self.fixed_k, self.k_factor = k, int(k_factor)
         self.balance, self.label_smoothing = balance, label_smoothing
         self.head_init, self.head_temperature = head_init, head_temperature
+        self.state: ClusterState | None = None
         self.pseudo_labels: torch.Tensor | None = None
         self.class_weights: torch.Tensor | None = None
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
-        self.num_clusters = num_clusters
-        self.head = ClusterHead(feature_dim, num_clusters)
+        self.num_clusters = self.fixed_k or num_clusters * self.k_factor
+        self.head = ClusterHead(feature_dim, self.num_clusters)
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
 
-    def set_pseudo_labels(self, labels: torch.Tensor) -> None:
-        self.pseudo_labels = labels.long().cpu()
-        self.class_weights = (
-            balanced_class_weights(self.pseudo_labels, self.num_clusters)
-            if self.balance == "weights" else None
-        )
+    # ------------------------------------------------------------- dataset-level targets
+    def refresh(self, ctx: RefreshContext) -> ClusterState:
+        return ctx.pseudo_labels(self.num_clusters)
+
+    def adopt(self, state: ClusterState | dict, reset_head: bool = True,
+              head_init: str | None = None) -> list[nn.Parameter]:
+        if isinstance(state, dict):
+            state = ClusterState.from_state_dict(state)
+        self.state, self.refreshed_epoch = state, state.epoch
+        self.pseudo_labels = state.labels.long().cpu()
+        self.class_weights = (balanced_class_weights(self.pseudo_labels, self.num_clusters)
+                              if self.balance == "weights" else None)
+        if not reset_head:
+            return []
+        self.reset_head(state, head_init)
+        return list(self.head.parameters())
+
+    def dataset_state(self) -> dict | None:
+        return None if self.state is None else self.state.state_dict()
+
+    def finish(self, ctx: RefreshContext) -> tuple[ClusterState, str] | None:
+        """The final k-means replaces a head that never trained or fell apart (its clusters no
+        longer match the final k-means of the training features: NMI below
+        ``MIN_HEAD_AGREEMENT``, e.g. one cluster). Reads no label."""
+        final = ctx.kmeans(self.num_clusters)
+        if int(self.trained_steps) == 0:
+            return final, f"never trained (its task starts at epoch {self.start_epoch})"
+        with torch.no_grad():
+            head = self.logits(ctx.features.to(self.head.mean.device)).argmax(1).cpu()
+        agreement = float(normalized_mutual_info_score(head, final.labels))
+        if agreement < MIN_HEAD_AGREEMENT:
+            return final, f"disagrees with the final k-means of the training features (NMI {agreement:.2f})"
+        return None
 
     @torch.no_grad()
     def reset_head(self, state: ClusterState | None = None, head_init: str | None = None) -> None:
@@ -72,12 +117,19 @@ class ClusterTask(Task):
         else:
             self.head.set_centroids(state.centroids, self.head_temperature)
 
+    # ------------------------------------------------------------- clustering heads
+    def cluster_heads(self) -> dict[str, int]:
+        return {"": self.num_clusters}
+
+    def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"": self.logits(features)}
+
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         if self.pseudo_labels is None:
-            raise RuntimeError("ClusterTask has no pseudo-labels: is the PseudoLabelCallback on?")
+            raise RuntimeError("ClusterTask has no pseudo-labels: is the refresh callback on?")
         targets = self.pseudo_labels[batch.index.cpu()].to(batch.index.device)
         weights = None
         if self.class_weights is not None:

@@ -23,9 +23,10 @@ class ContrastiveTask(Task):
     num_views = 2
 
     def __init__(self, weight: float = 1.0, view: str = "strong", start_epoch: int = 0,
+                 stop_epoch: int | None = None,
                  temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512,
                  gather_distributed: bool = True) -> None:
-        super().__init__(weight, view, start_epoch)
+        super().__init__(weight, view, start_epoch, stop_epoch)
         if temperature <= 0:
             raise ValueError(f"task.contrastive.temperature must be > 0, got {temperature}")
         self.temperature, self.proj_dim, self.hidden_dim = temperature, proj_dim, hidden_dim

@@ -19,8 +19,9 @@ class RotationTask(Task):
     """
 
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
+                 stop_epoch: int | None = None,
                  all_rotations: bool = False) -> None:
-        super().__init__(weight, view, start_epoch)
+        super().__init__(weight, view, start_epoch, stop_epoch)
         self.all_rotations = all_rotations
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
