@@ -58,3 +58,14 @@ def gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
     if world()[1] == 1:
         return [x]
     return list(_GatherWithGrad.apply(x))
+
+
+@torch.no_grad()
+def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` averaged over ranks (a collective: every rank must call it); ``x`` alone in one process."""
+    _, size = world()
+    if size == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / size

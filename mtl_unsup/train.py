@@ -290,6 +290,10 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
         if cfg.pictures:
             draw_pictures(out_dir, module, cfg, datamodule)
         print(format_table(metrics))
+        answer = module.answer()
+        print(f"answer:     {answer or 'k-means of the features'}"
+              + (f" (of {len(module.heads)} clustering heads, chosen without labels)"
+                 if len(module.heads) > 1 else ""))
         print(f"run dir:    {out_dir}")
         monitor = run.checkpoint.monitor
         best = run.checkpoint.best_model_path if monitor else ""

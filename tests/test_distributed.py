@@ -46,6 +46,14 @@ def test_ddp_ranks_share_the_clustering_of_the_full_feature_set(tmp_path):
     rng = {name: torch.load(tmp_path / f"{name}_rng.pt") for name in ("rank0_of2", "rank1_of2", "rank0_of1")}
     assert not torch.equal(rng["rank0_of2"], rng["rank1_of2"])
     assert torch.equal(rng["rank0_of2"], rng["rank0_of1"])
+    # neighbours mined from the full feature set; the heads' running losses (which pick the
+    # answer) averaged over ranks, so every rank names the same answer
+    scan = {name: torch.load(tmp_path / f"{name}_scan.pt", weights_only=True)
+            for name in ("rank0_of2", "rank1_of2", "rank0_of1")}
+    assert torch.equal(scan["rank0_of2"]["neighbours"], scan["rank1_of2"]["neighbours"])
+    assert torch.equal(scan["rank0_of2"]["neighbours"], scan["rank0_of1"]["neighbours"])
+    assert torch.equal(scan["rank0_of2"]["head_losses"], scan["rank1_of2"]["head_losses"])
+    assert scan["rank0_of2"]["answer"] == scan["rank1_of2"]["answer"]
 
 
 @pytest.mark.slow

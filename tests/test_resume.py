@@ -21,7 +21,11 @@ from .conftest import CONF_DIR, write_shapes
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_until_killed.py"
 SETTINGS = ["trainer.max_epochs=3", "trainer.deterministic=true", "data.batch_size=8",
-            "checkpoint.every_n_train_steps=3"]
+            "checkpoint.every_n_train_steps=3",
+            # every kind of task state: k-means targets, neighbours, running head losses
+            "task=[cluster,rotation,contrastive,scan,selflabel,overcluster]", "task.scan.start_epoch=0",
+            "task.scan.num_neighbors=3", "task.scan.num_heads=2", "task.selflabel.start_epoch=1",
+            "task.selflabel.threshold=0.5", "task.overcluster.start_epoch=0", "task.overcluster.k_factor=2"]
 
 
 def run(out: Path, kill_step: int, root: Path, *extra: str, requeued: bool = False

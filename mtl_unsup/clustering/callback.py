@@ -90,6 +90,11 @@ class PseudoLabelCallback(L.Callback):
         stats = self._stats(trainer, module.cluster_state, state)
         module.set_cluster_state(state)
         module.adopt_task_states(states, reset_head=True)
+        if trainer.datamodule.has_labels:  # evaluation only: never reaches a loss
+            labels = trainer.datamodule.train_labels()
+            for name in names:
+                for key, value in module.tasks[name].label_stats(labels).items():
+                    stats[f"cluster/train_{name}_{key}"] = value
         return stats
 
     def _stats(self, trainer: L.Trainer, old: ClusterState | None, new: ClusterState) -> dict:

@@ -42,7 +42,48 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 50,
     return log_q.exp().to(scores.dtype)
 
 
+def capacities(n: int, shares: torch.Tensor) -> torch.Tensor:
+    """Integer cluster sizes summing to ``n`` as close to ``n * shares`` as can be (largest remainders)."""
+    exact = shares.double() * n
+    sizes = exact.floor().long()
+    short = n - int(sizes.sum())
+    if short > 0:
+        sizes[torch.argsort(exact - sizes, descending=True)[:short]] += 1
+    return sizes
+
+
+def round_with_capacities(q: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Hard labels from a soft assignment ``q`` that fill each cluster to exactly ``sizes``.
+
+    In each round every unassigned row proposes its likeliest cluster with room left, and each
+    cluster takes its most likely proposers up to its room; a round fills a cluster or places
+    every row, so there are at most k rounds. (The argmax of ``q`` alone may miss the sizes
+    by far when the scores favour a few clusters strongly.)
+    """
+    n, k = q.shape
+    labels = torch.full((n,), -1, dtype=torch.long)
+    room = sizes.clone()
+    q = q.detach().cpu().double()
+    while (labels < 0).any():
+        free = (labels < 0).nonzero().squeeze(1)
+        offer = q[free].masked_fill((room <= 0).unsqueeze(0), float("-inf"))
+        value, choice = offer.max(dim=1)
+        for c in choice.unique().tolist():
+            mine = choice == c
+            ranked = free[mine][torch.argsort(value[mine], descending=True)]
+            taken = ranked[: int(room[c])]
+            labels[taken] = c
+            room[c] -= len(taken)
+    return labels
+
+
 def balanced_labels(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 50,
-                    cluster_shares: torch.Tensor | None = None) -> torch.Tensor:
-    """Hard labels of the Sinkhorn assignment: each image's most likely cluster."""
-    return sinkhorn(scores, epsilon, iterations, cluster_shares).argmax(dim=1)
+                    cluster_shares: torch.Tensor | None = None, exact: bool = True) -> torch.Tensor:
+    """Hard labels of the Sinkhorn assignment: with ``exact``, clusters of exactly the wanted
+    sizes (:func:`round_with_capacities`); otherwise each image's most likely cluster."""
+    q = sinkhorn(scores, epsilon, iterations, cluster_shares)
+    if not exact:
+        return q.argmax(dim=1)
+    n, k = scores.shape
+    shares = torch.full((k,), 1.0 / k, dtype=torch.float64) if cluster_shares is None else cluster_shares
+    return round_with_capacities(q, capacities(n, shares.cpu()))

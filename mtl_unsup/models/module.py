@@ -71,8 +71,11 @@ class MultiTaskModule(L.LightningModule):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         for task in self.tasks.values():
             task.build(backbone.feature_dim, num_clusters)
-        for task in self.tasks.values():
-            task.bind(self.tasks)
+        for name, task in self.tasks.items():
+            try:
+                task.bind(self.tasks)
+            except ValueError as err:
+                raise ConfigValueError(f"task.{name}: {err}") from None
         self.num_clusters = num_clusters
         self.heads = self._head_table()
         self.answer_setting = answer
@@ -133,19 +136,19 @@ class MultiTaskModule(L.LightningModule):
         """The clustering head that is the run's answer, chosen without labels (None: k-means').
 
         ``cluster.answer`` names one; ``auto`` takes, among the trained tasks with a head of
-        ``cluster.k`` clusters, the one that starts last (a later stage refines an earlier one;
-        the first in the task list on a tie), and that task's own choice among its heads (SCAN:
-        the lowest loss).
+        ``cluster.k`` clusters, the one of the latest stage of the field's pipeline (neighbour
+        consistency refines k-means targets), then the latest start epoch, then the first in the
+        task list, and that task's own choice among its heads (SCAN: the lowest loss).
         """
         if self.answer_setting != "auto":
             return self.answer_setting
-        best, latest = None, -1
+        best, rank = None, None
         for name, task in self.tasks.items():
             sub = task.answer_head()
             if task.weight == 0 or sub is None or task.cluster_heads()[sub] != self.num_clusters:
                 continue
-            if task.start_epoch > latest:
-                best, latest = (f"{name}_{sub}" if sub else name), task.start_epoch
+            if rank is None or (task.stage, task.start_epoch) > rank:
+                best, rank = (f"{name}_{sub}" if sub else name), (task.stage, task.start_epoch)
         return best
 
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:

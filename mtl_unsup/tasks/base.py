@@ -66,6 +66,9 @@ class Task(nn.Module):
     num_views: int = 1
     refreshes: bool = False  # owns dataset-level targets
     has_cluster_heads: bool = False  # known before build(), unlike cluster_heads()
+    # Where the recipe stands in the field's pipeline (k-means targets 0 < neighbours 1): of two
+    # clustering tasks, the later stage's head is the run's answer (see MultiTaskModule.answer).
+    stage: int = 0
 
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
                  stop_epoch: int | None = None) -> None:
@@ -113,6 +116,11 @@ class Task(nn.Module):
     def dataset_state(self) -> Any:
         """The state to checkpoint (None: nothing yet); :meth:`adopt` takes it back."""
         return None
+
+    def label_stats(self, labels: torch.Tensor) -> dict[str, float]:
+        """Quality of the current state against ground truth, logged for the reader only (e.g.
+        the share of mined neighbours in the same class); never read by training."""
+        return {}
 
     def finish(self, ctx: Any) -> tuple[Any, str] | None:
         """After training, with the final features (rank 0): a state to adopt with a fresh head

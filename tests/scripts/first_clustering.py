@@ -1,4 +1,4 @@
-"""Fit one epoch (DDP when devices > 1) and save each rank's first clustering.
+"""Fit one epoch (DDP when devices > 1) and save each rank's first clustering and SCAN state.
 
 Usage: python first_clustering.py <out dir> <devices> <image folder>. Lightning's DDP launcher
 re-runs this script for the other ranks, which is why it is a script and not a test function.
@@ -36,12 +36,20 @@ class SaveFirstClustering(L.Callback):
 
             module.make_views = record_then_augment
 
+    def on_train_end(self, trainer, module) -> None:
+        scan = module.tasks["scan"]
+        name = f"rank{trainer.global_rank}_of{trainer.world_size}"
+        torch.save({"neighbours": scan.neighbours, "head_losses": scan.head_losses.cpu(),
+                    "answer": module.answer()}, self.out / f"{name}_scan.pt")
+
 
 def main() -> None:
     out, devices, root = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     overrides = [*tiny_folder_overrides(Path(root)), "trainer.max_epochs=1",
                  "trainer.accelerator=cpu", f"trainer.devices={devices}",
-                 f"data.batch_size={16 // devices}", "data.eval_batch_size=8", "~logger"]
+                 f"data.batch_size={16 // devices}", "data.eval_batch_size=8", "~logger",
+                 "task=[cluster,rotation,contrastive,scan]", "task.scan.start_epoch=0",
+                 "task.scan.num_neighbors=3", "task.scan.num_heads=2"]
     if devices > 1:
         overrides += ["trainer.strategy=ddp"]
     cfg = compose_cfg(out / f"run{devices}", overrides)

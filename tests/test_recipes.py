@@ -1,0 +1,168 @@
+"""The field's recipes as tasks: neighbours (SCAN), self-labelling, balanced assignment,
+overclustering; several clustering heads in one model, the answer chosen without labels."""
+
+import pytest
+import torch
+
+from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
+from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext, balanced_state, cluster_shares
+from mtl_unsup.clustering.sinkhorn import sinkhorn
+from mtl_unsup.config import ConfigValueError
+from mtl_unsup.inference import model_from_checkpoint
+from mtl_unsup.metrics import many_to_one_accuracy, reads_labels, score_clustering
+from mtl_unsup.tasks import ClusterTask, RotationTask
+from mtl_unsup.tasks.scan import scan_loss
+from mtl_unsup.tasks.selflabel import confident_targets
+from mtl_unsup.train import build_run, train
+
+from .conftest import compose_cfg, tiny_folder_overrides
+from .test_selection import permute_labels
+
+
+def blobs(sizes, dim=8, spread=0.05, seed=0):
+    """Well separated gaussian blobs of the given sizes, and their true labels."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(dim)[: len(sizes)] * 3
+    noise = [spread * torch.randn(n, dim, generator=g) for n in sizes]
+    x = torch.cat([c + e for c, e in zip(centres, noise, strict=True)])
+    return x, torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+
+
+def context(features, **settings):
+    return RefreshContext(features, epoch=0, seed=0, settings=ClusterSettings(pca_dim=None, **settings))
+
+
+def test_neighbours_are_the_nearest_others_never_the_image_itself():
+    x, labels = blobs([30, 30, 30])
+    found = context(x).neighbours(5)
+    assert found.shape == (90, 5)
+    assert not (found == torch.arange(90).unsqueeze(1)).any()
+    assert (labels[found] == labels.unsqueeze(1)).all()  # all in the image's own blob
+    z = torch.nn.functional.normalize(x - x.mean(0), dim=1)  # the whitened space without PCA
+    sims = z @ z.t()
+    sims.fill_diagonal_(-2)
+    expected = sims.topk(5, dim=1).values
+    assert torch.allclose(sims.gather(1, found).sort(1, descending=True).values, expected, atol=1e-5)
+
+
+def test_min_size_marginals_recover_an_imbalanced_set_that_uniform_ones_break():
+    x, truth = blobs([600, 300, 100])
+    acc = {}
+    for marginals in ("uniform", "min_size", "none"):
+        state = context(x, assign="sinkhorn", marginals=marginals, min_size=0.25).pseudo_labels(3)
+        acc[marginals] = score_clustering(state.labels, truth)["acc"]
+    assert acc["none"] > 0.99 and acc["min_size"] > 0.99  # the true sizes are allowed
+    assert acc["uniform"] < 0.8  # equal clusters must cut the big blob
+
+
+def test_uniform_marginals_give_equal_clusters_even_from_a_degenerate_clustering():
+    x, _ = blobs([100, 100, 100])
+    z = torch.nn.functional.normalize(x - x.mean(0), dim=1)
+    # two centroids on one blob, one between the others: nearest-centroid gives 50/50/200
+    centroids = torch.stack([z[:100].mean(0) + 0.01, z[:100].mean(0) - 0.01, z[100:].mean(0)])
+    degenerate = ClusterState(torch.cdist(z, centroids).argmin(1), centroids, x.mean(0), torch.eye(8))
+    assert torch.bincount(degenerate.labels).max() == 200
+    balanced = balanced_state(degenerate, z, ClusterSettings(assign="sinkhorn", marginals="uniform"))
+    assert torch.bincount(balanced.labels).tolist() == [100, 100, 100]  # exactly, after rounding
+    # the soft assignment's argmax alone is far from it (what exact rounding is for)
+    q = sinkhorn(-torch.cdist(z, centroids).pow(2), 0.05)
+    assert torch.bincount(q.argmax(1), minlength=3).max() > 140
+
+
+def test_min_size_shares_raise_small_clusters_to_the_floor():
+    shares = cluster_shares(torch.tensor([600, 300, 100]), "min_size", 0.5)
+    assert shares.sum().item() == pytest.approx(1.0)
+    assert shares[2].item() == pytest.approx(0.5 / 3)
+    assert shares[0] / shares[1] == pytest.approx(2.0)  # the others keep their proportions
+    assert cluster_shares(torch.tensor([5, 5]), "none", 0.5) is None
+
+
+def test_scan_loss_rewards_agreeing_neighbours_and_using_every_cluster():
+    sure = torch.eye(4)[torch.tensor([0, 1, 2, 3])] * 10
+    other = torch.eye(4)[torch.tensor([1, 2, 3, 0])] * 10
+    assert scan_loss(sure, sure, 0.0) < scan_loss(sure, other, 0.0) - 5
+    collapsed = torch.eye(4)[torch.zeros(4, dtype=torch.long)] * 10
+    assert scan_loss(sure, sure, 1.0) < scan_loss(collapsed, collapsed, 1.0) - 1
+
+
+def test_self_labels_never_stall_and_the_fallback_favours_no_cluster():
+    probs = torch.tensor([[0.995, 0.005], [0.2, 0.8], [0.4, 0.6], [0.45, 0.55], [0.3, 0.7], [0.9, 0.1]])
+    assert confident_targets(probs, 0.99, 0.0).tolist() == [True, False, False, False, False, False]
+    chosen = confident_targets(probs, 0.99, 0.5)  # 3 wanted: the most confident of each cluster
+    assert int(chosen.sum()) >= 3
+    predicted = probs.argmax(1)[chosen]
+    assert set(predicted.tolist()) == {0, 1}
+    assert chosen[1] and chosen[0]  # each cluster's most confident row
+    nobody = torch.full((8, 4), 0.25)
+    assert confident_targets(nobody, 0.99, 0.25).sum() >= 2
+
+
+def test_many_to_one_accuracy_maps_each_cluster_to_its_majority_class():
+    preds, target = torch.tensor([0, 0, 1, 1, 2, 2, 3]), torch.tensor([0, 0, 0, 0, 1, 1, 0])
+    assert many_to_one_accuracy(preds, target) == 1.0  # four clusters, two classes: all pure
+    assert score_clustering(preds, target, num_clusters=4)["acc_m2o"] == 1.0
+    assert "acc_m2o" not in score_clustering(preds[:6], torch.tensor([0, 0, 1, 1, 0, 0]), 2)
+    assert score_clustering(preds, target)["acc"] < 1.0
+
+
+def test_stop_epoch_ends_a_task_and_must_follow_its_start():
+    task = RotationTask(start_epoch=2, stop_epoch=5)
+    assert [task.active(e) for e in (1, 2, 4, 5)] == [False, True, True, False]
+    with pytest.raises(ValueError, match="stop_epoch=2 must be above start_epoch=2"):
+        ClusterTask(start_epoch=2, stop_epoch=2)
+
+
+RECIPE = ["task=[cluster,rotation,scan,selflabel,overcluster]", "task.scan.start_epoch=0",
+          "task.scan.num_neighbors=3", "task.scan.num_heads=3", "task.selflabel.start_epoch=1",
+          "task.selflabel.threshold=0.5", "task.overcluster.start_epoch=0", "task.overcluster.k_factor=2",
+          "trainer.max_epochs=2", "trainer.deterministic=true"]
+
+
+def test_several_recipes_train_together_and_the_answer_is_chosen_without_labels(
+        shapes_dir, tmp_path, monkeypatch, capsys):
+    overrides = [*tiny_folder_overrides(shapes_dir), *RECIPE]
+    plain = train(compose_cfg(tmp_path / "a", overrides))
+    out = capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    losses = ckpt["state_dict"]["tasks.scan.head_losses"]
+    assert ckpt["answer"] == f"scan_h{int(losses.argmin())}"  # SCAN's stage, its lowest-loss head
+    assert f"answer:     {ckpt['answer']} (of 5 clustering heads" in out
+    n = len(ckpt["task_states"]["cluster"]["labels"])
+    assert ckpt["task_states"]["scan"]["neighbours"].shape == (n, 3)
+    assert ckpt["task_states"]["overcluster"]["centroids"].shape[0] == 6
+    for head in ("cluster", "scan_h0", "scan_h2", "overcluster"):
+        assert f"test/{head}/acc" in plain
+    assert plain["test/overcluster/acc_m2o"] >= plain["test/overcluster/acc"]
+    assert plain["test/acc"] == plain[f"test/{ckpt['answer']}/acc"]
+
+    permute_labels(monkeypatch)
+    shuffled = train(compose_cfg(tmp_path / "b", overrides))
+    assert any(plain[k] != shuffled[k] for k in plain if reads_labels(k))  # they changed reports only
+    again = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert again["answer"] == ckpt["answer"]
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in ckpt["state_dict"].items())
+    assert torch.equal(again["task_states"]["scan"]["neighbours"], ckpt["task_states"]["scan"]["neighbours"])
+
+    module, _ = model_from_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    assert module.answer() == ckpt["answer"]
+    assert torch.equal(module.tasks["scan"].neighbours, ckpt["task_states"]["scan"]["neighbours"])
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("cluster.answer=scan", "cluster.answer='scan' is not a clustering head"),
+    ("task.selflabel.source=rotation", "task.selflabel: source='rotation' is not a task with a clustering"),
+    ("cluster.assign=balanced", "cluster.assign='balanced' is not one of kmeans, sinkhorn"),
+    ("task.scan.num_heads=0", "task.scan: num_neighbors=20 and num_heads=0 must be >= 1"),
+])
+def test_recipe_mistakes_stop_before_training_naming_the_key(shapes_dir, tmp_path, override, says):
+    overrides = [*tiny_folder_overrides(shapes_dir), "task=[cluster,rotation,scan,selflabel]", override]
+    if override.startswith("task.selflabel"):
+        overrides[-2] = "task=[cluster,rotation,selflabel]"
+    with pytest.raises(ConfigValueError, match=says.replace("(", r"\(").replace("[", r"\[")):
+        build_run(compose_cfg(tmp_path, overrides))
+
+
+def test_a_named_answer_overrides_the_automatic_choice(shapes_dir, tmp_path):
+    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), *RECIPE, "cluster.answer=cluster"])
+    assert build_run(cfg).module.answer() == "cluster"
+    assert cluster_features  # the validation k-means stays the plain recipe
