@@ -58,6 +58,7 @@ class DataConfig:
     drop_last: bool = True
     on_bad_image: str = "skip"
     augmentations: dict[str, Any] = field(default_factory=dict)
+    invert: bool = False
 
 
 @dataclass
@@ -179,6 +180,11 @@ def check_config(cfg: Any) -> None:
     if not cfg.task:
         problems.append("task is empty: compose at least one task, e.g. task=[cluster,contrastive].")
     for name, task in (cfg.task or {}).items():
+        if "_target_" not in task:
+            problems.append(f"task.{name} sets {', '.join(task)} but {name} is not in the task list "
+                            f"({', '.join(n for n, t in cfg.task.items() if '_target_' in t)}): add it, "
+                            f"e.g. task=[...,{name}], or drop its settings with ~task.{name}.")
+            continue
         if task.get("weight", 1.0) < 0:
             problems.append(f"task.{name}.weight={task.weight}: weights must be >= 0.")
     if cfg.checkpoint.every_n_train_steps < 1:

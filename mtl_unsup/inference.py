@@ -100,7 +100,8 @@ def predict_images(
 
 def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int,
              num_workers: int, progress: bool, device: str | torch.device) -> Predictions:
-    dataset = ImageDataset(images, int(cfg.data.channels), image_transform(int(cfg.data.image_size)))
+    transform = image_transform(int(cfg.data.image_size), bool(cfg.data.get("invert", False)))
+    dataset = ImageDataset(images, int(cfg.data.channels), transform)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     state = module.cluster_state
     feats, clusters, confidence, distance = [], [], [], []

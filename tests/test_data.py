@@ -186,3 +186,14 @@ def test_a_folder_of_only_bad_images_is_an_error(tmp_path):
     with pytest.raises(DataError, match="Every image of the train set is unreadable"), \
             pytest.warns(UserWarning):
         make_dm(tmp_path / "bad", val_fraction=0.0, test_fraction=0.0)
+
+
+def test_invert_turns_dark_strokes_on_white_into_light_on_black(tmp_path):
+    from mtl_unsup.data.dataset import image_transform
+
+    pixels = np.full((8, 8), 255, np.uint8)
+    pixels[2:6, 3] = 0  # a black stroke on white, as the MNIST PNG copies are
+    image = Image.fromarray(pixels, mode="L")
+    plain, inverted = (image_transform(8, invert)(image) for invert in (False, True))
+    assert torch.allclose(inverted, 1 - plain)
+    assert inverted[0, 2, 3] == 1.0 and inverted[0, 0, 0] == 0.0

@@ -7,13 +7,13 @@ import torch
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
 from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext, balanced_state, cluster_shares
 from mtl_unsup.clustering.sinkhorn import sinkhorn
-from mtl_unsup.config import ConfigValueError
+from mtl_unsup.config import ConfigValueError, check_config
 from mtl_unsup.inference import model_from_checkpoint
 from mtl_unsup.metrics import many_to_one_accuracy, reads_labels, score_clustering
 from mtl_unsup.tasks import ClusterTask, RotationTask
 from mtl_unsup.tasks.scan import scan_loss
 from mtl_unsup.tasks.selflabel import confident_targets
-from mtl_unsup.train import build_run, train
+from mtl_unsup.train import build_run, build_tasks, train
 
 from .conftest import compose_cfg, tiny_folder_overrides
 from .test_selection import permute_labels
@@ -166,3 +166,20 @@ def test_a_named_answer_overrides_the_automatic_choice(shapes_dir, tmp_path):
     cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), *RECIPE, "cluster.answer=cluster"])
     assert build_run(cfg).module.answer() == "cluster"
     assert cluster_features  # the validation k-means stays the plain recipe
+
+
+def test_settings_of_a_task_left_out_of_the_list_are_named(tmp_path):
+    cfg = compose_cfg(tmp_path, ["experiment=mnist", "data.root=/nowhere", "task=[cluster,rotation]"])
+    with pytest.raises(ConfigValueError, match=r"task.scan sets start_epoch but scan is not in the task "
+                                               r"list \(cluster, rotation\).*~task.scan"):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "fashion_mnist", "cifar10"])
+def test_each_experiment_composes_into_tasks_that_build(tmp_path, name):
+    cfg = compose_cfg(tmp_path, [f"experiment={name}", "data.root=/nowhere"])
+    check_config(cfg)
+    tasks = build_tasks(cfg)
+    if name != "digits":  # the staged SCAN recipe: pretext, then targets and neighbours, then self-labels
+        assert tasks["selflabel"].start_epoch > tasks["scan"].start_epoch > tasks["contrastive"].start_epoch
+        assert cfg.cluster.assign == "sinkhorn" and cfg.trainer.max_epochs > tasks["selflabel"].start_epoch

@@ -69,6 +69,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         augmentations: name -> list of batched augmentation modules (kornia), applied on the
             training device to [0, 1] images before normalisation; tasks ask for views by name.
         on_bad_image: ``skip`` (one warning listing the files), ``raise`` or ``ignore``.
+        invert: use ``1 - image`` (e.g. black digits on white, such as the MNIST PNG copies).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         drop_last: bool = True,
         on_bad_image: str = "skip",
         augmentations: Mapping[str, Sequence[Any]] | None = None,
+        invert: bool = False,
     ) -> None:
         super().__init__()
         if builtin is not None and builtin not in BUILTINS:
@@ -112,7 +114,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
-        self.on_bad_image = on_bad_image
+        self.on_bad_image, self.invert = on_bad_image, invert
         self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
@@ -192,7 +194,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- loaders
     def _dataset(self, split: str) -> ImageDataset:
-        return ImageDataset(self.splits[split], self.channels, image_transform(self.image_size))
+        transform = image_transform(self.image_size, self.invert)
+        return ImageDataset(self.splits[split], self.channels, transform)
 
     def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
         return DataLoader(

@@ -12,12 +12,19 @@ from torchvision.transforms import v2
 from mtl_unsup.data.images import ImageList, load_image
 
 
-def image_transform(image_size: int) -> v2.Compose:
-    """Decode to a ``C x image_size x image_size`` float tensor in [0, 1]."""
-    return v2.Compose([
-        v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
+def _inverted(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - x  # a named function: loader workers may need to pickle the transform
+
+
+def image_transform(image_size: int, invert: bool = False) -> v2.Compose:
+    """Decode to a ``C x image_size x image_size`` float tensor in [0, 1] (``1 - x`` with
+    ``invert``: dark strokes on a light ground become light on dark, as augmentations that pad
+    with zeros expect)."""
+    steps = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
+             v2.ToDtype(torch.float32, scale=True)]
+    if invert:
+        steps.append(v2.Lambda(_inverted))
+    return v2.Compose(steps)
 
 
 class ImageDataset(Dataset):
