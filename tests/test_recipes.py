@@ -134,6 +134,8 @@ def test_several_recipes_train_together_and_the_answer_is_chosen_without_labels(
         assert f"test/{head}/acc" in plain
     assert plain["test/overcluster/acc_m2o"] >= plain["test/overcluster/acc"]
     assert plain["test/acc"] == plain[f"test/{ckpt['answer']}/acc"]
+    header = (tmp_path / "a" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/selflabel_confident" in header and "train/loss_scan" in header
 
     permute_labels(monkeypatch)
     shuffled = train(compose_cfg(tmp_path / "b", overrides))

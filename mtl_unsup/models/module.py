@@ -214,6 +214,9 @@ class MultiTaskModule(L.LightningModule):
             loss = task.loss(task_batch)
             losses[name] = loss.detach()
             self.log(f"train/loss_{name}", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            for key, value in task.step_metrics().items():
+                self.log(f"train/{name}_{key}", value, on_step=False, on_epoch=True, batch_size=bs,
+                         sync_dist=True)
             total = total + task.weight * loss
         if not torch.isfinite(total):  # one device sync a step: stop before a bad update
             raise NonFiniteLossError(

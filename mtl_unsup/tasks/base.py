@@ -98,6 +98,10 @@ class Task(nn.Module):
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def step_metrics(self) -> dict[str, torch.Tensor]:
+        """Label-free figures of the last :meth:`loss` call, logged as ``train/<task>_<name>``."""
+        return {}
+
     def active(self, epoch: int) -> bool:
         return (self.weight > 0 and epoch >= self.start_epoch
                 and (self.stop_epoch is None or epoch < self.stop_epoch))

@@ -79,6 +79,9 @@ class SelfLabelTask(Task):
                              f"run; choose one of {heads}")
         self._source = [source]
 
+    def step_metrics(self) -> dict[str, torch.Tensor]:
+        return {"confident": self.confident_share}
+
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         source = self._source[0]
         head = source.answer_head()
