@@ -8,6 +8,7 @@ from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
 from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext, balanced_state, cluster_shares
 from mtl_unsup.clustering.sinkhorn import sinkhorn
 from mtl_unsup.config import ConfigValueError, check_config
+from mtl_unsup.errors import UserError
 from mtl_unsup.inference import model_from_checkpoint
 from mtl_unsup.metrics import many_to_one_accuracy, reads_labels, score_clustering
 from mtl_unsup.tasks import ClusterTask, RotationTask
@@ -155,12 +156,20 @@ def test_several_recipes_train_together_and_the_answer_is_chosen_without_labels(
     ("task.selflabel.source=rotation", "task.selflabel: source='rotation' is not a task with a clustering"),
     ("cluster.assign=balanced", "cluster.assign='balanced' is not one of kmeans, sinkhorn"),
     ("task.scan.num_heads=0", "task.scan: num_neighbors=20 and num_heads=0 must be >= 1"),
+    ("task.scan.num_neighbors=50", "task.scan.num_neighbors=50 needs more training images than the 42"),
 ])
 def test_recipe_mistakes_stop_before_training_naming_the_key(shapes_dir, tmp_path, override, says):
     overrides = [*tiny_folder_overrides(shapes_dir), "task=[cluster,rotation,scan,selflabel]", override]
     if override.startswith("task.selflabel"):
         overrides[-2] = "task=[cluster,rotation,selflabel]"
-    with pytest.raises(ConfigValueError, match=says.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(UserError, match=says.replace("(", r"\(").replace("[", r"\[")):
+        build_run(compose_cfg(tmp_path, overrides))
+
+
+def test_an_overclustering_head_larger_than_the_training_set_stops_the_run(shapes_dir, tmp_path):
+    overrides = [*tiny_folder_overrides(shapes_dir), "task=[cluster,overcluster]",
+                 "task.overcluster.k_factor=20"]
+    with pytest.raises(UserError, match="The overcluster head has 60 clusters, more than the 42 training"):
         build_run(compose_cfg(tmp_path, overrides))
 
 
