@@ -63,13 +63,15 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    k: int = 10
+    k: Any = 10  # a number of clusters, or "auto": chosen in k_range by k_criterion
+    k_range: list[int] = field(default_factory=lambda: [2, 20])
+    k_criterion: str = "silhouette"
     pca_dim: int | None = 32
     niter: int = 20
     nredo: int = 5
     every_n_epochs: int = 5
     warm_start: bool = True
-    assign: str = "kmeans"
+    assign: str = "sinkhorn"
     marginals: str = "uniform"
     min_size: float = 0.5
     sinkhorn_epsilon: float = 0.05
@@ -168,8 +170,7 @@ class ConfigValueError(UserError, ValueError):
 def check_config(cfg: Any) -> None:
     """Range checks the schema's types cannot express; run before any data is read."""
     problems = []
-    if cfg.cluster.k < 2:
-        problems.append(f"cluster.k={cfg.cluster.k}: at least 2 clusters are needed.")
+    problems += k_problems(cfg.cluster)
     if cfg.cluster.every_n_epochs < 1:
         problems.append(f"cluster.every_n_epochs={cfg.cluster.every_n_epochs}: must be >= 1.")
     if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim < 0:
@@ -194,6 +195,28 @@ def check_config(cfg: Any) -> None:
     problems += trainer_problems(cfg.trainer)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
+
+
+K_CRITERIA = ("silhouette", "calinski_harabasz", "davies_bouldin")
+
+
+def k_problems(cluster: Any) -> list[str]:
+    k, k_range = cluster.k, list(cluster.k_range)
+    if k == "auto":
+        numbers = len(k_range) == 2 and all(isinstance(v, int) for v in k_range)
+        if not numbers or not 2 <= k_range[0] < k_range[1]:
+            return [f"cluster.k_range={k_range}: give [smallest, largest] k to try, 2 <= smallest < largest."]
+        if cluster.k_criterion not in K_CRITERIA:
+            return [f"cluster.k_criterion={cluster.k_criterion!r}: use one of {', '.join(K_CRITERIA)}."]
+        return []
+    if isinstance(k, bool) or not isinstance(k, int):
+        return [f"cluster.k={k!r}: use a number of clusters (>= 2) or auto."]
+    return [f"cluster.k={k}: at least 2 clusters are needed."] if k < 2 else []
+
+
+def max_clusters(cluster: Any) -> int:
+    """The heads' size: ``cluster.k``, or the top of ``cluster.k_range`` with ``cluster.k=auto``."""
+    return int(cluster.k_range[1]) if cluster.k == "auto" else int(cluster.k)
 
 
 def cluster_problems(cluster: Any) -> list[str]:

@@ -5,12 +5,17 @@
 majority class and purity, and the k-nearest-neighbour accuracy of the features, and writes
 ``evaluation.json``, ``clusters.csv`` and PNG pictures into the output folder. The images come
 in through the ``data`` group, as for ``mtl-predict``.
+
+Beside the run's answer it scores classical clusterings of the same features (``baselines``:
+k-means, Ward agglomerative and HDBSCAN, see :mod:`mtl_unsup.baselines`) and prints them side by
+side; ``baselines=[]`` turns them off.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +24,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from mtl_unsup.baselines import BASELINES, check_baselines, comparison_table, run_baseline, score_labels
 from mtl_unsup.cli import hydra_command
-from mtl_unsup.config import DataConfig, PathsConfig
+from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import model_from_checkpoint, predict_images
 from mtl_unsup.metrics import score_clustering
@@ -40,16 +46,26 @@ class EvaluateConfig:
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
+    # Clusterings of the same features scored beside the model (mtl_unsup.baselines); [] for none.
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    # HDBSCAN's smallest cluster; null: max(5, images // (4 k)).
+    hdbscan_min_cluster_size: int | None = None
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Leave-one-out accuracy of a cosine k-NN majority vote among the labelled images."""
+    """Leave-one-out accuracy of a cosine k-NN majority vote among the labelled images.
+
+    ``k`` is cut to one less than the smallest class's size, so that even perfectly separated
+    features can win every vote (20 neighbours among classes of 10 images would not).
+    """
     x = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
     y = torch.from_numpy(labels).long()
-    k = max(1, min(k, len(x) - 1))
+    counts = torch.bincount(y)
+    smallest = int(counts[counts > 0].min()) if len(y) else 1
+    k = max(1, min(k, len(x) - 1, smallest - 1))
     correct = 0
     for chunk in torch.arange(len(x)).split(1024):
         sims = x[chunk] @ x.t()
@@ -74,7 +90,35 @@ def cluster_table(clusters: np.ndarray, labels: np.ndarray, classes: tuple[str, 
     return rows
 
 
+def score_baselines(names: list[str], features: np.ndarray, labels: np.ndarray, train_cfg: DictConfig,
+                    min_cluster_size: int | None, k: int) -> tuple[dict, list[dict]]:
+    """Each baseline's clusters of ``features`` (labels unseen), scored against ``labels``.
+
+    ``k`` is the run's number of clusters (chosen by the run with ``cluster.k=auto``). Returns the
+    ``eval/<baseline>/<metric>`` entries and the rows of the comparison table.
+    """
+    result, rows = {}, []
+    if names and len(features) < k:
+        print(f"baselines skipped: {len(features)} images are fewer than cluster.k={k}")
+        return result, rows
+    for name in names:
+        pred, info = run_baseline(name, features, k, train_cfg.cluster.pca_dim, int(train_cfg.get("seed", 0)),
+                                  int(train_cfg.cluster.niter), int(train_cfg.cluster.nredo),
+                                  min_cluster_size)
+        scores = score_labels(pred, labels, k if name != "hdbscan" else info["clusters"])
+        result.update({f"eval/{name}/{m}": v for m, v in scores.items()})
+        if name == "hdbscan":
+            result["eval/hdbscan/clusters"] = info["clusters"]
+            result["eval/hdbscan/noise"] = info["noise"]
+        rows.append({"method": name, **scores, **info})
+    return result, rows
+
+
 def evaluate(cfg: DictConfig) -> dict:
+    baselines = check_baselines(cfg.baselines)
+    if cfg.hdbscan_min_cluster_size is not None and cfg.hdbscan_min_cluster_size < 2:
+        raise ConfigValueError(f"hdbscan_min_cluster_size={cfg.hdbscan_min_cluster_size}: must be >= 2, "
+                               "or null for max(5, images // (4 k)).")
     out_dir = Path(cfg.out_dir)
     if not cfg.overwrite:
         refuse_to_overwrite([out_dir / "evaluation.json", out_dir / "clusters.csv"])
@@ -83,14 +127,24 @@ def evaluate(cfg: DictConfig) -> dict:
     if not images.has_labels:
         raise DataError(f"{cfg.data.root} has no class subfolders: evaluation needs labels. "
                         "Sort the images into <data.root>/<class>/ folders.")
+    start = time.perf_counter()
     preds = predict_images(module, train_cfg, images, cfg.data.eval_batch_size, cfg.data.num_workers,
                            progress=cfg.progress, device=pick_device(cfg.device))
+    seconds = time.perf_counter() - start
     labels = np.asarray(images.labels)
-    k = int(train_cfg.cluster.k)
+    k = module.k
     result = {f"eval/{m}": v for m, v in score_clustering(
-        torch.from_numpy(preds.clusters), torch.from_numpy(labels)).items()}
+        torch.from_numpy(preds.clusters), torch.from_numpy(labels), k).items()}
     result["eval/knn_acc"] = knn_accuracy(preds.features, labels, cfg.knn_k)
     result["eval/images"] = len(images)
+    summary = " ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in result.items())
+    model_row = {"method": f"model ({module.answer() or 'k-means'})", "seconds": seconds,
+                 "clusters": len(np.unique(preds.clusters)),
+                 **{m: result[f"eval/{m}"] for m in ("acc", "nmi", "ari")}}
+    baseline_result, rows = score_baselines(baselines, preds.features, labels, train_cfg,
+                                            cfg.hdbscan_min_cluster_size, k)
+    result.update(baseline_result)
     table = cluster_table(preds.clusters, labels, images.classes, k)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -101,11 +155,14 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.pictures:
         save_pictures(out_dir, images.paths, preds.clusters, preds.confidence, preds.features,
                       labels, images.classes)
-    print(" ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                   for k, v in result.items()))
+    print(summary)
     print("| cluster | size | majority class | purity |\n|---|---|---|---|")
     for row in table:
         print(f"| {row['cluster']} | {row['size']} | {row['majority_class']} | {row['purity']:.3f} |")
+    if rows:
+        print("\nThe same features, clustered without labels (seconds: the model's forward pass; "
+              "a baseline's clustering):")
+        print(comparison_table([model_row, *rows]))
     print(f"written to {out_dir}")
     return result
 

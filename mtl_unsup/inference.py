@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mtl_unsup.config import max_clusters
 from mtl_unsup.data.dataset import ImageDataset, image_transform
 from mtl_unsup.data.images import ImageList
 from mtl_unsup.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
@@ -47,10 +48,11 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
     backbone = instantiate(cfg.backbone, in_channels=channels, weights_path=None)
     tasks = {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
     module = MultiTaskModule(
-        backbone, tasks, num_clusters=int(cfg.cluster.k), optimizer=None,
+        backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=None,
         augmentations={name: nn.Identity() for name in cfg.data.augmentations},
         mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
         config=ckpt["mtl_config"], answer=str(cfg.cluster.get("answer", "auto")),
+        auto_k=cfg.cluster.k == "auto",
     )
     module.load_weights(ckpt, str(path))
     return module.eval(), cfg

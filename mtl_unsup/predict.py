@@ -129,7 +129,7 @@ def predict(cfg: DictConfig) -> Path:
     preds = predict_images(module, train_cfg, images, cfg.data.eval_batch_size, cfg.data.num_workers,
                            progress=cfg.progress, device=pick_device(cfg.device))
     write_outputs(out_dir, root, list(images.paths), preds, cfg.save_embeddings, cfg.sort)
-    sizes = np.bincount(preds.clusters, minlength=int(train_cfg.cluster.k))
+    sizes = np.bincount(preds.clusters, minlength=module.k)
     print(f"{len(images)} images -> {int((sizes > 0).sum())} clusters; sizes: {sizes.tolist()}")
     print(f"predictions: {out_dir / 'predictions.csv'}")
     return out_dir / "predictions.csv"

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.clustering.refresh import ClusterSettings
-from mtl_unsup.config import ConfigValueError, check_config, register_configs
+from mtl_unsup.config import ConfigValueError, check_config, max_clusters, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import load_checkpoint, predict_images
@@ -34,7 +34,7 @@ from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
 from mtl_unsup.schedule import check_schedule
-from mtl_unsup.visualize import save_pictures
+from mtl_unsup.visualize import k_selection, save_pictures
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -60,11 +60,11 @@ def build_datamodule(cfg: DictConfig) -> Any:
     datamodule.prepare_data()
     datamodule.setup("fit")
     n = datamodule.num_train
-    if cfg.cluster.k > n:
-        raise DataError(
-            f"cluster.k={cfg.cluster.k} is larger than the {n} training images. "
-            "Lower cluster.k or add images."
-        )
+    if max_clusters(cfg.cluster) > n:
+        key = "cluster.k_range" if cfg.cluster.k == "auto" else "cluster.k"
+        value = list(cfg.cluster.k_range) if cfg.cluster.k == "auto" else cfg.cluster.k
+        raise DataError(f"{key}={value} is larger than the {n} training images. Lower {key} or "
+                        "add images.")
     return datamodule
 
 
@@ -120,7 +120,8 @@ def cluster_settings(cfg: DictConfig) -> ClusterSettings:
     try:
         return ClusterSettings(pca_dim=c.pca_dim, niter=c.niter, nredo=c.nredo,
                                warm_start=c.warm_start, assign=c.assign, marginals=c.marginals,
-                               min_size=c.min_size, sinkhorn_epsilon=c.sinkhorn_epsilon)
+                               min_size=c.min_size, sinkhorn_epsilon=c.sinkhorn_epsilon,
+                               k_range=tuple(c.k_range), k_criterion=c.k_criterion)
     except ValueError as err:
         raise ConfigValueError(str(err)) from None
 
@@ -190,6 +191,17 @@ def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
                   preds.features, labels, images.classes, out_dir / "csv" / "metrics.csv")
 
 
+def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -> None:
+    """``k_selection.csv`` (and ``pictures/k_selection.png``): the criterion of each k tried."""
+    scores, criterion = module.k_selection, cfg.cluster.k_criterion
+    rows = [f"{k},{v:.6f},{int(k == module.k)}" for k, v in sorted(scores.items())]
+    lines = [f"k,{criterion},chosen", *rows]
+    (out_dir / "k_selection.csv").write_text("\n".join(lines) + "\n")
+    if cfg.pictures and scores:
+        k_selection(scores, module.k, criterion, out_dir / "pictures" / "k_selection.png")
+    print(f"cluster.k=auto chose k={module.k} by {criterion} (k_selection.csv)")
+
+
 @dataclass
 class Run:
     """Everything one training run is made of, built and checked before any training."""
@@ -210,14 +222,14 @@ def build_run(cfg: DictConfig) -> Run:
     check_selection(cfg, datamodule, tasks)
     check_schedule(cfg, tasks)
     module = MultiTaskModule(
-        backbone, tasks, num_clusters=cfg.cluster.k, optimizer=instantiate(cfg.optimizer),
+        backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         eval_splits=tuple(datamodule.eval_splits()),
         augmentations=datamodule.augmentations, mean=datamodule.mean, std=datamodule.std,
         config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
         cluster_settings={"pca_dim": cfg.cluster.pca_dim, "niter": cfg.cluster.niter,
                           "nredo": cfg.cluster.nredo},
-        answer=cfg.cluster.answer,
+        answer=cfg.cluster.answer, auto_k=cfg.cluster.k == "auto",
     )
     check_sizes(module, datamodule.num_train)
     callbacks, checkpoint = build_callbacks(cfg)
@@ -299,8 +311,12 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
     last_path = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_path, weights_only=False)
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
+    if module.auto_k:
+        metrics["cluster/k"] = float(module.k)
     if trainer.is_global_zero:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if module.auto_k:
+            write_k_selection(out_dir, module, cfg)
         if cfg.pictures:
             draw_pictures(out_dir, module, cfg, datamodule)
         print(format_table(metrics))

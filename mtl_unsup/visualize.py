@@ -114,6 +114,19 @@ def training_curves(metrics_csv: Path, out: Path) -> Path:
     return _save(fig, out)
 
 
+def k_selection(scores: dict[int, float], chosen: int, criterion: str, out: Path) -> Path:
+    """The label-free criterion against k (``cluster.k=auto``), the chosen k marked."""
+    ks = sorted(scores)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=80)
+    ax.plot(ks, [scores[k] for k in ks], "o-")
+    ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen k = {chosen}")
+    ax.set_xlabel("k")
+    ax.set_ylabel(criterion.replace("_", " "))
+    ax.set_title("number of clusters, chosen without labels")
+    ax.legend()
+    return _save(fig, out)
+
+
 def _save(fig: plt.Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

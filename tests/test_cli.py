@@ -37,7 +37,8 @@ CASES = {
                                   "cluster.k=100000 is larger than the 42 training images"),
     "empty_folder": ("train", [*FOLDER, "data.root={empty}"], "No images found in {empty}"),
     "misspelt_key": ("train", ["cluster.kk=3"], "cluster.kk"),
-    "wrong_type": ("train", ["cluster.k=ten"], "full_key: cluster.k"),
+    "wrong_type": ("train", ["cluster.niter=ten"], "full_key: cluster.niter"),
+    "k_neither_number_nor_auto": ("train", ["cluster.k=ten"], "cluster.k='ten': use a number of clusters"),
     "trainer_wrong_type": ("train", ["trainer.max_epochs=abc"], "full_key: trainer.max_epochs"),
     "missing_ckpt": ("predict", ["ckpt={out}/none.ckpt", "data.root={shapes}"], "{out}/none.ckpt"),
 }

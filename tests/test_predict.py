@@ -143,3 +143,9 @@ def test_knn_accuracy_on_separable_and_random_features():
     assert knn_accuracy(separable.astype(np.float32), labels, 5) == 1.0
     noise = rng.standard_normal((60, 8)).astype(np.float32)
     assert knn_accuracy(noise, labels, 5) < 0.6
+
+
+def test_knn_accuracy_lets_a_small_class_win_its_own_vote():
+    features = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)  # three perfectly separated classes
+    labels = np.repeat(np.arange(3), 10)
+    assert knn_accuracy(features, labels, 20) == 1.0  # 20 would let 11 strangers outvote 9 peers

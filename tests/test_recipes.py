@@ -1,6 +1,8 @@
 """The field's recipes as tasks: neighbours (SCAN), self-labelling, balanced assignment,
 overclustering; several clustering heads in one model, the answer chosen without labels."""
 
+import re
+
 import pytest
 import torch
 
@@ -194,3 +196,43 @@ def test_each_experiment_composes_into_tasks_that_build(tmp_path, name):
     if name != "digits":  # the staged SCAN recipe: pretext, then targets and neighbours, then self-labels
         assert tasks["selflabel"].start_epoch > tasks["scan"].start_epoch > tasks["contrastive"].start_epoch
         assert cfg.cluster.assign == "sinkhorn" and cfg.trainer.max_epochs > tasks["selflabel"].start_epoch
+
+
+@pytest.mark.parametrize("criterion", ["silhouette", "calinski_harabasz", "davies_bouldin"])
+def test_automatic_k_finds_the_number_of_blobs(criterion):
+    x, _ = blobs([40, 60, 50, 45, 55])
+    ctx = RefreshContext(x, epoch=0, seed=0, settings=ClusterSettings(pca_dim=None, k_range=(2, 9),
+                                                                        k_criterion=criterion))
+    scores = ctx.choose_k()
+    assert ctx.k == 5 and sorted(scores) == list(range(2, 10))
+    assert ctx.kmeans(5).k == 5  # the chosen clustering is the one training then uses
+
+
+def test_automatic_k_is_chosen_recorded_and_kept_by_the_checkpoint(shapes_dir, tmp_path):
+    overrides = [*tiny_folder_overrides(shapes_dir), "cluster.k=auto", "cluster.k_range=[2,5]",
+                 "task=[cluster,rotation,scan,overcluster]", "task.scan.start_epoch=0",
+                 "task.scan.num_neighbors=3", "task.scan.num_heads=1", "task.overcluster.start_epoch=0",
+                 "pictures=true"]
+    metrics = train(compose_cfg(tmp_path, overrides))
+    k = int(metrics["cluster/k"])
+    rows = (tmp_path / "k_selection.csv").read_text().splitlines()
+    assert rows[0] == "k,silhouette,chosen" and [r.split(",")[0] for r in rows[1:]] == ["2", "3", "4", "5"]
+    assert [r.split(",")[0] for r in rows[1:] if r.endswith(",1")] == [str(k)]
+    assert (tmp_path / "pictures" / "k_selection.png").is_file()
+    module, _ = model_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert module.k == k and module.answer() == "scan"  # heads of 5 rows answer with k columns
+    logits = module.head_logits(torch.randn(4, module.backbone.feature_dim))
+    assert logits["scan"].shape == (4, k) and logits["cluster"].shape == (4, k)
+    assert logits["overcluster"].shape == (4, 5 * k)  # k_factor=5 times the chosen k
+    assert sorted(module.k_selection) == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("cluster.k=ten", "cluster.k='ten': use a number of clusters"),
+    ("cluster.k_range=[5,3]", "cluster.k_range=[5, 3]: give [smallest, largest]"),
+    ("cluster.k_criterion=gap", "cluster.k_criterion='gap': use one of silhouette"),
+])
+def test_automatic_k_mistakes_are_named(tmp_path, override, says):
+    cfg = compose_cfg(tmp_path, ["cluster.k=auto", override])
+    with pytest.raises(ConfigValueError, match=re.escape(says)):
+        check_config(cfg)

@@ -100,7 +100,7 @@ def test_multirun_gives_each_job_its_own_dir_and_metrics(shapes_dir, tmp_path):
     ("override", "error", "names"),
     [
         ("cluster.kk=3", ConfigCompositionException, "cluster.kk"),
-        ("cluster.k=ten", ConfigCompositionException, "cluster.k"),
+        ("cluster.niter=ten", ConfigCompositionException, "cluster.niter"),
         ("backbone=resnet1000", MissingConfigException, "resnet1000"),
         ("task=[cluster,jigsaw]", MissingConfigException, "jigsaw"),
     ],

@@ -51,15 +51,17 @@ class PseudoLabelCallback(L.Callback):
     broadcast, so every rank trains on the same targets; every state lives in the checkpoint.
 
     Args:
-        k: number of clusters (``cluster.k``).
+        k: number of clusters (``cluster.k``), or ``auto``: chosen at each refresh in
+            ``settings.k_range`` by ``settings.k_criterion`` (see :meth:`RefreshContext.choose_k`).
         settings: the rest of the ``cluster`` group.
         every_n_epochs: refresh period.
         seed: k-means seed (offset by the epoch, so each refresh differs but reruns agree).
     """
 
-    def __init__(self, k: int, settings: ClusterSettings | None = None, every_n_epochs: int = 1,
+    def __init__(self, k: int | str, settings: ClusterSettings | None = None, every_n_epochs: int = 1,
                  seed: int = 0) -> None:
-        if k < 2:
+        self.auto = k == "auto"
+        if not self.auto and int(k) < 2:
             raise ValueError(f"cluster.k={k}: at least 2 clusters are needed.")
         if every_n_epochs < 1:
             raise ValueError(f"cluster.every_n_epochs={every_n_epochs} must be >= 1.")
@@ -77,7 +79,7 @@ class PseudoLabelCallback(L.Callback):
             previous[module.cluster_state.k] = module.cluster_state.labels
         previous = {k: v for k, v in previous.items() if len(v) == len(features)}
         return RefreshContext(features, trainer.current_epoch, self.seed, self.settings,
-                              trainer.datamodule.fingerprint, previous)
+                              trainer.datamodule.fingerprint, previous, k=module.k)
 
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> dict:
         """Refresh the named tasks now; returns statistics of the new k-means."""
@@ -85,9 +87,13 @@ class PseudoLabelCallback(L.Callback):
         payload = None
         if trainer.is_global_zero:
             ctx = self.context(trainer, module, features)
-            payload = (ctx.kmeans(self.k), {n: module.tasks[n].refresh(ctx) for n in names})
-        state, states = trainer.strategy.broadcast(payload, src=0)
+            scores = ctx.choose_k() if self.auto else None
+            payload = (ctx.kmeans(ctx.k), {n: module.tasks[n].refresh(ctx) for n in names}, scores)
+        state, states, scores = trainer.strategy.broadcast(payload, src=0)
         stats = self._stats(trainer, module.cluster_state, state)
+        if scores is not None:
+            module.k_selection = scores
+            stats["cluster/k"] = float(state.k)
         module.set_cluster_state(state)
         module.adopt_task_states(states, reset_head=True)
         if trainer.datamodule.has_labels:  # evaluation only: never reaches a loss
@@ -145,9 +151,14 @@ class PseudoLabelCallback(L.Callback):
         payload = None
         if trainer.is_global_zero:
             ctx = self.context(trainer, module, features)
+            # with cluster.k=auto, k is chosen here only if no refresh chose it (the heads trained
+            # at the k of the last refresh)
+            scores = ctx.choose_k() if self.auto and module.cluster_state is None else None
             replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if t.weight > 0}
-            payload = (ctx.kmeans(self.k), {n: r for n, r in replaced.items() if r is not None})
-        state, replaced = trainer.strategy.broadcast(payload, src=0)
+            payload = (ctx.kmeans(ctx.k), {n: r for n, r in replaced.items() if r is not None}, scores)
+        state, replaced, scores = trainer.strategy.broadcast(payload, src=0)
+        if scores is not None:
+            module.k_selection = scores
         module.adopt_task_states({n: s for n, (s, _) in replaced.items()}, reset_head=True,
                                  head_init="centroids")
         for name, (_, why) in replaced.items():

@@ -48,11 +48,14 @@ class ClusterHead(nn.Module):
 
     @torch.no_grad()
     def set_centroids(self, centroids: torch.Tensor, temperature: float) -> None:
-        """Become the nearest-centroid classifier of ``(k, d)`` unit-space centroids."""
+        """Become the nearest-centroid classifier of ``(k, d)`` unit-space centroids (in the first
+        ``k`` outputs)."""
         c = centroids.to(self.linear.weight)
+        k = c.shape[0]  # may be fewer than the head's rows (cluster.k=auto): the rest are unused
         self.linear.weight.zero_()
-        self.linear.weight[:, : c.shape[1]] = c / temperature
-        self.linear.bias.copy_(-c.pow(2).sum(1) / (2 * temperature))
+        self.linear.bias.zero_()
+        self.linear.weight[:k, : c.shape[1]] = c / temperature
+        self.linear.bias[:k] = -c.pow(2).sum(1) / (2 * temperature)
 
     @torch.no_grad()
     def reset_random(self) -> None:

@@ -34,6 +34,8 @@ class ClusterSettings:
     marginals: str = "uniform"
     min_size: float = 0.5
     sinkhorn_epsilon: float = 0.05
+    k_range: tuple[int, int] = (2, 20)
+    k_criterion: str = "silhouette"
 
     def __post_init__(self) -> None:
         if self.assign not in ASSIGNS:
@@ -92,6 +94,8 @@ class RefreshContext:
         settings: the ``cluster`` group.
         fingerprint: of the training image list (stored with every state).
         previous: k -> the last labels at that k, for k-means' warm start.
+        k: the run's number of clusters at this refresh (``cluster.k``, or the one
+            :meth:`choose_k` picked).
     """
 
     features: torch.Tensor
@@ -100,6 +104,7 @@ class RefreshContext:
     settings: ClusterSettings
     fingerprint: str = ""
     previous: dict[int, torch.Tensor] = field(default_factory=dict)
+    k: int = 0
     _space: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     _kmeans: dict[int, ClusterState] = field(default_factory=dict)
     _assigned: dict[int, ClusterState] = field(default_factory=dict)
@@ -121,6 +126,35 @@ class RefreshContext:
                                      epoch=self.epoch, init_labels=init)
             self._kmeans[k] = dataclasses.replace(state, fingerprint=self.fingerprint)
         return self._kmeans[k]
+
+    def choose_k(self) -> dict[int, float]:
+        """Pick the run's k in ``settings.k_range`` by ``settings.k_criterion``; sets :attr:`k`
+        and returns the criterion of each k tried (label-free).
+
+        Each k is clustered as training clusters (:meth:`kmeans`, whitened space); the criterion
+        is measured on the centred, L2-normalised features, where the whitening's amplified
+        low-variance directions do not blur the clusters' separation. ``silhouette`` and
+        ``calinski_harabasz`` are maximised, ``davies_bouldin`` minimised.
+        """
+        from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
+
+        from mtl_unsup.metrics import silhouette
+
+        lo, hi = self.settings.k_range
+        space = torch.nn.functional.normalize(self.features - self.features.mean(0), dim=1)
+        scores = {}
+        for k in range(lo, min(hi, len(space) - 1) + 1):
+            labels = self.kmeans(k).labels
+            if self.settings.k_criterion == "silhouette":
+                scores[k] = silhouette(space, labels, seed=self.seed)
+            elif self.settings.k_criterion == "calinski_harabasz":
+                scores[k] = float(calinski_harabasz_score(space.numpy(), labels.numpy()))
+            else:
+                scores[k] = -float(davies_bouldin_score(space.numpy(), labels.numpy()))
+        self.k = max(scores, key=lambda k: (scores[k], -k))  # a tie goes to the smaller k
+        if self.settings.k_criterion == "davies_bouldin":
+            scores = {k: -v for k, v in scores.items()}
+        return scores
 
     def pseudo_labels(self, k: int) -> ClusterState:
         """The training targets at ``k``: k-means' labels, or its centroids' balanced

@@ -42,6 +42,8 @@ class MultiTaskModule(L.LightningModule):
             validation with k-means fitted on the current validation features.
         answer: the clustering head whose clusters are the run's answer (see :meth:`answer`):
             ``auto`` or a head's name.
+        auto_k: ``cluster.k=auto``: ``num_clusters`` is the largest k tried, and the run's k
+            (:attr:`k`) is the one the last refresh chose.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class MultiTaskModule(L.LightningModule):
         seed: int = 0,
         cluster_settings: Mapping[str, Any] | None = None,
         answer: str = "auto",
+        auto_k: bool = False,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -76,7 +79,8 @@ class MultiTaskModule(L.LightningModule):
                 task.bind(self.tasks)
             except ValueError as err:
                 raise ConfigValueError(f"task.{name}: {err}") from None
-        self.num_clusters = num_clusters
+        self.num_clusters, self.auto_k = num_clusters, auto_k
+        self.k_selection: dict[int, float] = {}  # cluster.k=auto: the criterion of each k tried
         self.heads = self._head_table()
         self.answer_setting = answer
         if answer != "auto" and self.heads.get(answer, (None, None, 0))[2] != num_clusters:
@@ -132,6 +136,19 @@ class MultiTaskModule(L.LightningModule):
                 table[f"{name}_{sub}" if sub else name] = (name, sub, k)
         return table
 
+    @property
+    def k(self) -> int:
+        """The run's number of clusters: ``cluster.k``, or with ``cluster.k=auto`` the one the
+        last refresh chose (the largest k tried before any)."""
+        if self.auto_k and self.cluster_state is not None:
+            return self.cluster_state.k
+        return self.num_clusters
+
+    def head_sizes(self) -> dict[str, int]:
+        """Full head name -> its current number of clusters."""
+        return {(f"{name}_{sub}" if sub else name): k for name, task in self.tasks.items()
+                for sub, k in task.cluster_heads().items()}
+
     def answer(self) -> str | None:
         """The clustering head that is the run's answer, chosen without labels (None: k-means').
 
@@ -145,7 +162,7 @@ class MultiTaskModule(L.LightningModule):
         best, rank = None, None
         for name, task in self.tasks.items():
             sub = task.answer_head()
-            if task.weight == 0 or sub is None or task.cluster_heads()[sub] != self.num_clusters:
+            if task.weight == 0 or sub is None or task.cluster_heads()[sub] != self.k:
                 continue
             if rank is None or (task.stage, task.start_epoch) > rank:
                 best, rank = (f"{name}_{sub}" if sub else name), (task.stage, task.start_epoch)
@@ -271,9 +288,8 @@ class MultiTaskModule(L.LightningModule):
         scores = None
         if self.trainer.is_global_zero:
             fit = None if self._kmeans_from_state() else self._fit_kmeans
-            sizes = {n: k for n, (_, _, k) in self.heads.items()}
             scores = score_split(split, out, self.cluster_settings.get("pca_dim"), self.seed, fit,
-                                 self.num_clusters, sizes)
+                                 self.k, self.head_sizes())
         scores = self.trainer.strategy.broadcast(scores, src=0)
         for name, value in sorted(scores.items()):
             self.log(name, float(value), prog_bar=name == "val/silhouette", sync_dist=True)
@@ -285,7 +301,7 @@ class MultiTaskModule(L.LightningModule):
 
     def _fit_kmeans(self, features: torch.Tensor) -> torch.Tensor:
         """k-means of the current validation features."""
-        k = min(self.num_clusters, len(features))
+        k = min(self.k, len(features))
         settings = {key: self.cluster_settings[key] for key in ("pca_dim", "niter", "nredo")}
         return cluster_features(features, k, seed=self.seed, **settings).labels
 
@@ -309,6 +325,8 @@ class MultiTaskModule(L.LightningModule):
         states = {name: task.dataset_state() for name, task in self.tasks.items()}
         checkpoint["task_states"] = {name: state for name, state in states.items() if state is not None}
         checkpoint["answer"] = self.answer() or "kmeans"
+        if self.k_selection:
+            checkpoint["k_selection"] = dict(self.k_selection)
         checkpoint["mtl_config"] = self.config
         checkpoint["mtl_version"] = f"mtl-unsup {mtl_unsup.__version__}"
         # The augmentations and random heads draw from the global RNGs: a resumed run must
@@ -333,6 +351,7 @@ class MultiTaskModule(L.LightningModule):
             return
         state = ClusterState.from_state_dict(checkpoint["cluster_state"])
         self.set_cluster_state(state)
+        self.k_selection = dict(checkpoint.get("k_selection", {}))
         states = dict(checkpoint.get("task_states", {}))
         if "task_states" not in checkpoint:  # written before tasks owned their state
             states = {n: checkpoint["cluster_state"] for n, t in self.tasks.items()

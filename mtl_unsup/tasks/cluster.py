@@ -69,20 +69,24 @@ class ClusterTask(Task):
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
         self.num_clusters = self.fixed_k or num_clusters * self.k_factor
+        self.k = self.num_clusters  # the clusters in use: fewer with cluster.k=auto
         self.head = ClusterHead(feature_dim, self.num_clusters)
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------- dataset-level targets
+    def target_k(self, ctx: RefreshContext) -> int:
+        return self.fixed_k or ctx.k * self.k_factor
+
     def refresh(self, ctx: RefreshContext) -> ClusterState:
-        return ctx.pseudo_labels(self.num_clusters)
+        return ctx.pseudo_labels(self.target_k(ctx))
 
     def adopt(self, state: ClusterState | dict, reset_head: bool = True,
               head_init: str | None = None) -> list[nn.Parameter]:
         if isinstance(state, dict):
             state = ClusterState.from_state_dict(state)
-        self.state, self.refreshed_epoch = state, state.epoch
+        self.state, self.refreshed_epoch, self.k = state, state.epoch, state.k
         self.pseudo_labels = state.labels.long().cpu()
-        self.class_weights = (balanced_class_weights(self.pseudo_labels, self.num_clusters)
+        self.class_weights = (balanced_class_weights(self.pseudo_labels, self.k)
                               if self.balance == "weights" else None)
         if not reset_head:
             return []
@@ -96,7 +100,7 @@ class ClusterTask(Task):
         """The final k-means replaces a head that never trained or fell apart (its clusters no
         longer match the final k-means of the training features: NMI below
         ``MIN_HEAD_AGREEMENT``, e.g. one cluster). Reads no label."""
-        final = ctx.kmeans(self.num_clusters)
+        final = ctx.kmeans(self.target_k(ctx))
         if int(self.trained_steps) == 0:
             return final, f"never trained (its task starts at epoch {self.start_epoch})"
         with torch.no_grad():
@@ -119,13 +123,13 @@ class ClusterTask(Task):
 
     # ------------------------------------------------------------- clustering heads
     def cluster_heads(self) -> dict[str, int]:
-        return {"": self.num_clusters}
+        return {"": self.k}
 
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"": self.logits(features)}
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        return self.head(features)[:, : self.k]
 
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         if self.pseudo_labels is None:

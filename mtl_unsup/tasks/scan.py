@@ -66,6 +66,7 @@ class ScanTask(Task):
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
         self.num_clusters = self.fixed_k or num_clusters
+        self.k = self.num_clusters  # the clusters in use: fewer with cluster.k=auto
         self.heads = nn.ModuleList(nn.Linear(feature_dim, self.num_clusters)
                                    for _ in range(self.num_heads))
         self.register_buffer("head_losses", torch.zeros(self.num_heads))
@@ -74,20 +75,21 @@ class ScanTask(Task):
     # ------------------------------------------------------------- dataset-level targets
     def refresh(self, ctx: RefreshContext) -> dict[str, Any]:
         return {"neighbours": ctx.neighbours(self.num_neighbors), "epoch": ctx.epoch,
-                "fingerprint": ctx.fingerprint}
+                "fingerprint": ctx.fingerprint, "k": self.fixed_k or ctx.k}
 
     def adopt(self, state: dict[str, Any], reset_head: bool = True) -> list[nn.Parameter]:
         # The heads keep training across refreshes: their cluster numbers are their own, not
         # those of a new k-means, so nothing restarts.
         self.neighbours = state["neighbours"].long().cpu()
         self.refreshed_epoch, self.fingerprint = int(state["epoch"]), state.get("fingerprint", "")
+        self.k = int(state.get("k", self.num_clusters))
         return []
 
     def dataset_state(self) -> dict[str, Any] | None:
         if self.neighbours is None:
             return None
         return {"neighbours": self.neighbours, "epoch": self.refreshed_epoch,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, "k": self.k}
 
     def label_stats(self, labels: torch.Tensor) -> dict[str, float]:
         if self.neighbours is None:
@@ -97,11 +99,11 @@ class ScanTask(Task):
 
     # ------------------------------------------------------------- clustering heads
     def cluster_heads(self) -> dict[str, int]:
-        return {f"h{i}": self.num_clusters for i in range(self.num_heads)} if self.num_heads > 1 \
-            else {"": self.num_clusters}
+        return {f"h{i}": self.k for i in range(self.num_heads)} if self.num_heads > 1 else {"": self.k}
 
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.cluster_heads(), (head(features) for head in self.heads), strict=True))
+        logits = (head(features)[:, : self.k] for head in self.heads)
+        return dict(zip(self.cluster_heads(), logits, strict=True))
 
     def answer_head(self) -> str:
         return list(self.cluster_heads())[int(self.head_losses.argmin())]
@@ -116,7 +118,8 @@ class ScanTask(Task):
         neighbours = self.neighbours[index, pick]
         anchor = batch.features(self.view)
         other = batch.backbone(batch.fetch(self.view, neighbours.to(batch.index.device)))
-        losses = torch.stack([scan_loss(head(anchor), head(other), self.entropy_weight)
+        k = self.k
+        losses = torch.stack([scan_loss(head(anchor)[:, :k], head(other)[:, :k], self.entropy_weight)
                               for head in self.heads])
         with torch.no_grad():
             mean = mean_over_ranks(losses.detach())  # every rank keeps the same running losses
