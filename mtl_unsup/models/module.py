@@ -86,7 +86,7 @@ class MultiTaskModule(L.LightningModule):
         if answer != "auto" and self.heads.get(answer, (None, None, 0))[2] != num_clusters:
             choices = [n for n, (_, _, k) in self.heads.items() if k == num_clusters]
             raise ConfigValueError(f"cluster.answer={answer!r} is not a clustering head with cluster.k="
-                             f"{num_clusters} clusters; choose auto or one of {choices}")
+                                   f"{num_clusters} clusters; choose auto or one of {choices}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_splits = tuple(eval_splits)
         self.config = config or {}
@@ -128,13 +128,15 @@ class MultiTaskModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------------- clustering
+    @staticmethod
+    def head_name(task: str, sub: str) -> str:
+        """A head's full name: the task's (one head) or ``<task>_<head>`` (SCAN's ``scan_h3``)."""
+        return f"{task}_{sub}" if sub else task
+
     def _head_table(self) -> dict[str, tuple[str, str, int]]:
-        """Full head name -> (task name, the task's name for it, number of clusters)."""
-        table = {}
-        for name, task in self.tasks.items():
-            for sub, k in task.cluster_heads().items():
-                table[f"{name}_{sub}" if sub else name] = (name, sub, k)
-        return table
+        """Full head name -> (task name, the task's name for it, number of clusters as built)."""
+        return {self.head_name(name, sub): (name, sub, k) for name, task in self.tasks.items()
+                for sub, k in task.cluster_heads().items()}
 
     @property
     def k(self) -> int:
@@ -146,7 +148,7 @@ class MultiTaskModule(L.LightningModule):
 
     def head_sizes(self) -> dict[str, int]:
         """Full head name -> its current number of clusters."""
-        return {(f"{name}_{sub}" if sub else name): k for name, task in self.tasks.items()
+        return {self.head_name(name, sub): k for name, task in self.tasks.items()
                 for sub, k in task.cluster_heads().items()}
 
     def answer(self) -> str | None:
@@ -165,16 +167,13 @@ class MultiTaskModule(L.LightningModule):
             if task.weight == 0 or sub is None or task.cluster_heads()[sub] != self.k:
                 continue
             if rank is None or (task.stage, task.start_epoch) > rank:
-                best, rank = (f"{name}_{sub}" if sub else name), (task.stage, task.start_epoch)
+                best, rank = self.head_name(name, sub), (task.stage, task.start_epoch)
         return best
 
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of every clustering head, by full head name."""
-        out = {}
-        for name, task in self.tasks.items():
-            for sub, logits in task.head_logits(features).items():
-                out[f"{name}_{sub}" if sub else name] = logits
-        return out
+        return {self.head_name(name, sub): logits for name, task in self.tasks.items()
+                for sub, logits in task.head_logits(features).items()}
 
     def set_cluster_state(self, state: ClusterState) -> None:
         """The k-means of the training features at ``cluster.k``: evaluation and prediction
@@ -185,9 +184,7 @@ class MultiTaskModule(L.LightningModule):
                           head_init: str | None = None) -> None:
         """Hand each task its new dataset-level state; restarted heads lose their optimizer moments."""
         for name, state in states.items():
-            task = self.tasks[name]
-            kwargs = {"head_init": head_init} if head_init else {}
-            restarted = task.adopt(state, reset_head=reset_head, **kwargs)
+            restarted = self.tasks[name].adopt(state, reset_head=reset_head, head_init=head_init)
             if restarted and self._trainer is not None:
                 for optimizer in self.trainer.optimizers:
                     for p in restarted:

@@ -112,9 +112,10 @@ class Task(nn.Module):
         picklable object that every rank then :meth:`adopt`\\ s)."""
         raise NotImplementedError
 
-    def adopt(self, state: Any, reset_head: bool = True) -> list[nn.Parameter]:
+    def adopt(self, state: Any, reset_head: bool = True, head_init: str | None = None) -> list[nn.Parameter]:
         """Take ``state`` from :meth:`refresh` (or a checkpoint, ``reset_head=False``); returns
-        the parameters that restarted, whose optimizer moments must be dropped."""
+        the parameters that restarted, whose optimizer moments must be dropped. ``head_init``
+        overrides how a restarted head starts (see :meth:`finish`)."""
         raise NotImplementedError
 
     def dataset_state(self) -> Any:

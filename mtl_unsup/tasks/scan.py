@@ -77,7 +77,8 @@ class ScanTask(Task):
         return {"neighbours": ctx.neighbours(self.num_neighbors), "epoch": ctx.epoch,
                 "fingerprint": ctx.fingerprint, "k": self.fixed_k or ctx.k}
 
-    def adopt(self, state: dict[str, Any], reset_head: bool = True) -> list[nn.Parameter]:
+    def adopt(self, state: dict[str, Any], reset_head: bool = True,
+              head_init: str | None = None) -> list[nn.Parameter]:
         # The heads keep training across refreshes: their cluster numbers are their own, not
         # those of a new k-means, so nothing restarts.
         self.neighbours = state["neighbours"].long().cpu()
