@@ -236,3 +236,14 @@ def test_automatic_k_mistakes_are_named(tmp_path, override, says):
     cfg = compose_cfg(tmp_path, ["cluster.k=auto", override])
     with pytest.raises(ConfigValueError, match=re.escape(says)):
         check_config(cfg)
+
+
+@pytest.mark.parametrize("data", ["digits", "mnist", "cifar10"])
+def test_every_benchmark_recipe_composes_on_every_experiment(tmp_path, data):
+    from mtl_unsup.benchmarks.recipes import RECIPES, base_overrides, recipe_overrides
+
+    base = base_overrides(data, "/nowhere")
+    for name in RECIPES:
+        cfg = compose_cfg(tmp_path, [*base, *recipe_overrides(name, base)])
+        check_config(cfg)  # no stray settings of a task the recipe leaves out
+        assert ("scan" in cfg.task) == (name == "scan")

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
-# Recipe name -> train overrides on top of ``experiment=<data>``.
+# Recipe name -> train overrides on top of ``experiment=<data>`` (settings of tasks a recipe
+# leaves out are dropped, see :func:`recipe_overrides`).
 RECIPES = {
-    "deepcluster": ["task=[cluster,rotation,contrastive]", "~task.scan", "~task.selflabel",
-                    "cluster.assign=kmeans"],
-    "balanced": ["task=[cluster,rotation,contrastive]", "~task.scan", "~task.selflabel",
-                 "cluster.assign=sinkhorn"],
+    "deepcluster": ["task=[cluster,rotation,contrastive]", "cluster.assign=kmeans"],
+    "balanced": ["task=[cluster,rotation,contrastive]", "cluster.assign=sinkhorn"],
     "scan": ["task=[cluster,rotation,contrastive,scan,selflabel]"],
 }
 DATA = ("digits", "mnist", "fashion_mnist", "cifar10")
@@ -45,18 +45,31 @@ def base_overrides(data: str, root: str | None) -> list[str]:
     return overrides
 
 
-def split_pixels(overrides: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Train and test images as flat float32 rows with their labels, split as training splits them."""
+def compose_train(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
     from mtl_unsup.config import CONF_DIR, register_configs
-    from mtl_unsup.data.datamodule import ImageFolderDataModule  # noqa: F401  (hydra target)
-    from mtl_unsup.train import build_datamodule
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    datamodule = build_datamodule(cfg)
+        return compose("train", overrides=overrides)
+
+
+def recipe_overrides(name: str, overrides: list[str]) -> list[str]:
+    """The recipe's overrides, deleting the experiment's settings of tasks it leaves out."""
+    recipe = RECIPES[name]
+    tasks = next(o for o in recipe if o.startswith("task=")).removeprefix("task=[").removesuffix("]")
+    configured = compose_train([*overrides, *recipe[:1]]).task
+    dropped = [f"~task.{t}" for t in configured if t not in tasks.split(",")]
+    return [*recipe, *dropped]
+
+
+def split_pixels(overrides: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train and test images as flat float32 rows with their labels, split as training splits them."""
+    from mtl_unsup.data.datamodule import ImageFolderDataModule  # noqa: F401  (hydra target)
+    from mtl_unsup.train import build_datamodule
+
+    datamodule = build_datamodule(compose_train(overrides))
     out = {}
     for split in ("train", "test"):
         dataset = datamodule._dataset(split)
@@ -100,7 +113,8 @@ def pixel_baselines(pixels: dict, k: int, seed: int) -> list[dict]:
 
 def train_recipe(name: str, overrides: list[str], seed: int, run_dir: Path) -> dict:
     """One training run in a process of its own; its held-out scores and wall time."""
-    command = [sys.executable, "-m", "mtl_unsup.train", *overrides, *RECIPES[name], f"seed={seed}",
+    command = [sys.executable, "-m", "mtl_unsup.train", *overrides, *recipe_overrides(name, overrides),
+               f"seed={seed}",
                "print_config=false", "pictures=false", "trainer.enable_progress_bar=false",
                f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
