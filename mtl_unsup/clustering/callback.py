@@ -115,8 +115,13 @@ class PseudoLabelCallback(L.Callback):
         return {k: float(v) for k, v in stats.items()}
 
     def due(self, module: L.LightningModule, epoch: int) -> list[str]:
-        """The tasks whose targets are refreshed at the start of ``epoch``."""
-        return [name for name, task in module.tasks.items() if self.task_due(task, epoch)]
+        """The tasks whose targets are refreshed at the start of ``epoch``. With ``cluster.k=auto``
+        a refresh may change k, so every active task with targets is refreshed with the due ones
+        (they all speak of the same k)."""
+        due = [name for name, task in module.tasks.items() if self.task_due(task, epoch)]
+        if self.auto and due:
+            return [name for name, task in module.tasks.items() if task.refreshes and task.active(epoch)]
+        return due
 
     def task_due(self, task: Any, epoch: int) -> bool:
         if not task.refreshes or not task.active(epoch):
@@ -162,10 +167,9 @@ class PseudoLabelCallback(L.Callback):
         module.adopt_task_states({n: s for n, (s, _) in replaced.items()}, reset_head=True,
                                  head_init="centroids")
         for name, (_, why) in replaced.items():
-            rank_zero_info(f"The {name} head {why}: it now predicts the final k-means clusters, "
-                           "and its scores are those of k-means.")
+            rank_zero_info(f"The {name} head {why}.")
         answer = module.answer()
-        if trainer.is_global_zero and answer is not None:
+        if trainer.is_global_zero and answer is not None and module.head_sizes()[answer] == state.k:
             with torch.no_grad(), eval_mode(module):
                 head = module.head_logits(features.to(module.device))[answer].argmax(1).cpu()
             state = state.relabelled(matching_permutation(state.labels, head, state.k))

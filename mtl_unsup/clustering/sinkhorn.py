@@ -61,6 +61,8 @@ def round_with_capacities(q: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     by far when the scores favour a few clusters strongly.)
     """
     n, k = q.shape
+    if int(sizes.sum()) != n or (sizes < 0).any():
+        raise ValueError(f"cluster sizes {sizes.tolist()} must be >= 0 and sum to the {n} rows")
     labels = torch.full((n,), -1, dtype=torch.long)
     room = sizes.clone()
     q = q.detach().cpu().double()

@@ -83,8 +83,8 @@ class MultiTaskModule(L.LightningModule):
         self.k_selection: dict[int, float] = {}  # cluster.k=auto: the criterion of each k tried
         self.heads = self._head_table()
         self.answer_setting = answer
-        if answer != "auto" and self.heads.get(answer, (None, None, 0))[2] != num_clusters:
-            choices = [n for n, (_, _, k) in self.heads.items() if k == num_clusters]
+        choices = [n for n, (t, _, k) in self.heads.items() if k == num_clusters and self.tasks[t].weight > 0]
+        if answer != "auto" and answer not in choices:
             raise ConfigValueError(f"cluster.answer={answer!r} is not a clustering head with cluster.k="
                                    f"{num_clusters} clusters; choose auto or one of {choices}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -105,8 +105,8 @@ class MultiTaskModule(L.LightningModule):
                 continue
             for view, n in task.views().items():
                 if view not in self.augmentations:
-                    raise ValueError(
-                        f"task.{name}.view={view!r} is not in data.augmentations "
+                    raise ConfigValueError(
+                        f"task.{name} reads the view {view!r}, which is not in data.augmentations "
                         f"({sorted(self.augmentations)}). Add it there or pick one of those."
                     )
                 counts[view] = max(counts.get(view, 0), n)
@@ -164,7 +164,8 @@ class MultiTaskModule(L.LightningModule):
         best, rank = None, None
         for name, task in self.tasks.items():
             sub = task.answer_head()
-            if task.weight == 0 or sub is None or task.cluster_heads()[sub] != self.k:
+            if (task.weight == 0 or sub is None or not task.answer_ready()
+                    or task.cluster_heads()[sub] != self.k):
                 continue
             if rank is None or (task.stage, task.start_epoch) > rank:
                 best, rank = self.head_name(name, sub), (task.stage, task.start_epoch)

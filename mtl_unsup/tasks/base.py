@@ -141,6 +141,10 @@ class Task(nn.Module):
         """Logits of every clustering head for backbone features."""
         return {}
 
+    def answer_ready(self) -> bool:
+        """Whether this task's heads can be the run's answer (trained, or set from a clustering)."""
+        return True
+
     def answer_head(self) -> str | None:
         """This task's own label-free choice among its heads."""
         heads = self.cluster_heads()

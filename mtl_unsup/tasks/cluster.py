@@ -35,8 +35,9 @@ class ClusterTask(Task):
             samples uniformly over clusters to the same end); ``none`` leaves it plain.
         label_smoothing: cross-entropy label smoothing.
         head_init: how the head restarts after each re-clustering: ``centroids`` sets it to the
-            nearest-centroid classifier of the new k-means (its argmax is the k-means assignment),
-            so it starts from the new labels even when the learning rate has decayed; ``random``
+            nearest-centroid classifier of the new k-means (its argmax is the k-means assignment,
+            which the targets equal with ``cluster.assign=kmeans`` and approach with balanced
+            labels), so it starts near them even when the learning rate has decayed; ``random``
             is DeepCluster's fresh random initialisation.
         head_temperature: softmax temperature of the centroid-initialised head.
 
@@ -58,8 +59,10 @@ class ClusterTask(Task):
             raise ValueError(f"head_init={head_init!r} is not one of centroids, random")
         if head_temperature <= 0:
             raise ValueError(f"head_temperature={head_temperature} must be > 0")
-        if (k is not None and k < 2) or k_factor < 1:
-            raise ValueError(f"k={k} must be >= 2 (or null), and k_factor={k_factor} >= 1")
+        if (k is not None and (not isinstance(k, int) or k < 2)) or not isinstance(k_factor, int) \
+                or k_factor < 1:
+            raise ValueError(f"k={k!r} must be a number >= 2 or null (cluster.k, which may be auto), "
+                             f"and k_factor={k_factor!r} a whole number >= 1")
         self.fixed_k, self.k_factor = k, int(k_factor)
         self.balance, self.label_smoothing = balance, label_smoothing
         self.head_init, self.head_temperature = head_init, head_temperature
@@ -102,12 +105,15 @@ class ClusterTask(Task):
         ``MIN_HEAD_AGREEMENT``, e.g. one cluster). Reads no label."""
         final = ctx.kmeans(self.target_k(ctx))
         if int(self.trained_steps) == 0:
-            return final, f"never trained (its task starts at epoch {self.start_epoch})"
+            return final, (f"never trained (its task starts at epoch {self.start_epoch}): it now predicts "
+                           "the final k-means clusters, and its scores are those of k-means")
         with torch.no_grad():
             head = self.logits(ctx.features.to(self.head.mean.device)).argmax(1).cpu()
         agreement = float(normalized_mutual_info_score(head, final.labels))
         if agreement < MIN_HEAD_AGREEMENT:
-            return final, f"disagrees with the final k-means of the training features (NMI {agreement:.2f})"
+            return final, (f"disagrees with the final k-means of the training features (NMI "
+                           f"{agreement:.2f}): it now predicts the final k-means clusters, and its scores "
+                           "are those of k-means")
         return None
 
     @torch.no_grad()
@@ -122,6 +128,9 @@ class ClusterTask(Task):
             self.head.set_centroids(state.centroids, self.head_temperature)
 
     # ------------------------------------------------------------- clustering heads
+    def answer_ready(self) -> bool:
+        return self.state is not None  # its head was set from a clustering
+
     def cluster_heads(self) -> dict[str, int]:
         return {"": self.k}
 

@@ -57,12 +57,13 @@ class ScanTask(Task):
         if entropy_weight < 0 or not 0 <= loss_momentum < 1:
             raise ValueError(f"entropy_weight={entropy_weight} must be >= 0 and loss_momentum="
                              f"{loss_momentum} in [0, 1)")
-        if k is not None and k < 2:
-            raise ValueError(f"k={k} must be >= 2 (or null: cluster.k)")
+        if k is not None and (not isinstance(k, int) or k < 2):
+            raise ValueError(f"k={k!r} must be a number >= 2 or null (cluster.k, which may be auto)")
         self.num_neighbors, self.num_heads = int(num_neighbors), int(num_heads)
         self.entropy_weight, self.fixed_k, self.loss_momentum = entropy_weight, k, loss_momentum
         self.neighbours: torch.Tensor | None = None
         self.fingerprint = ""
+        self.usable = True  # False when its heads never trained or fell apart (see finish)
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
         self.num_clusters = self.fixed_k or num_clusters
@@ -80,17 +81,48 @@ class ScanTask(Task):
     def adopt(self, state: dict[str, Any], reset_head: bool = True,
               head_init: str | None = None) -> list[nn.Parameter]:
         # The heads keep training across refreshes: their cluster numbers are their own, not
-        # those of a new k-means, so nothing restarts.
+        # those of a new k-means, so nothing restarts unless k changes (cluster.k=auto).
         self.neighbours = state["neighbours"].long().cpu()
         self.refreshed_epoch, self.fingerprint = int(state["epoch"]), state.get("fingerprint", "")
-        self.k = int(state.get("k", self.num_clusters))
-        return []
+        self.usable = bool(state.get("usable", True))
+        k = int(state.get("k", self.num_clusters))
+        changed, self.k = k != self.k, k
+        if not (reset_head and changed):
+            return []
+        with torch.no_grad():
+            for head in self.heads:
+                head.reset_parameters()
+            self.head_losses.zero_()
+            self.trained_steps.zero_()
+        return list(self.heads.parameters())
 
     def dataset_state(self) -> dict[str, Any] | None:
         if self.neighbours is None:
             return None
         return {"neighbours": self.neighbours, "epoch": self.refreshed_epoch,
-                "fingerprint": self.fingerprint, "k": self.k}
+                "fingerprint": self.fingerprint, "k": self.k, "usable": self.usable}
+
+    def finish(self, ctx: RefreshContext) -> tuple[dict[str, Any], str] | None:
+        """Heads that never trained, or whose answer fell apart (NMI with the final k-means below
+        ``MIN_HEAD_AGREEMENT``, e.g. one cluster), are no answer of the run. Reads no label."""
+        from torchmetrics.functional.clustering import normalized_mutual_info_score
+
+        from mtl_unsup.tasks.cluster import MIN_HEAD_AGREEMENT
+
+        empty = torch.zeros(0, self.num_neighbors, dtype=torch.long)
+        state = self.dataset_state() or {"neighbours": empty, "epoch": -1, "fingerprint": "", "k": self.k}
+        if int(self.trained_steps) == 0:
+            why = f"never trained (its task starts at epoch {self.start_epoch}): it is not the run's answer"
+            return {**state, "usable": False}, why
+        head = self.heads[int(self.head_losses.argmin())]
+        with torch.no_grad():
+            preds = head(ctx.features.to(self.head_losses.device))[:, : self.k].argmax(1).cpu()
+        agreement = float(normalized_mutual_info_score(preds, ctx.kmeans(self.k).labels))
+        if agreement < MIN_HEAD_AGREEMENT:
+            why = (f"disagrees with the final k-means of the training features (NMI {agreement:.2f}): it "
+                   "is not the run's answer")
+            return {**state, "usable": False}, why
+        return None
 
     def label_stats(self, labels: torch.Tensor) -> dict[str, float]:
         if self.neighbours is None:
@@ -105,6 +137,9 @@ class ScanTask(Task):
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = (head(features)[:, : self.k] for head in self.heads)
         return dict(zip(self.cluster_heads(), logits, strict=True))
+
+    def answer_ready(self) -> bool:
+        return self.usable and int(self.trained_steps) > 0
 
     def answer_head(self) -> str:
         return list(self.cluster_heads())[int(self.head_losses.argmin())]

@@ -3,7 +3,7 @@
 The images a clustering head is confident about on a weak view become targets for a strong view
 of the same images, with each target cluster weighted by the inverse of its count in the batch,
 so that large clusters cannot swallow small ones. It trains another task's answer head
-(``source``), which stays the run's answer.
+(``source``); that head is the run's answer when its task is (see ``MultiTaskModule.answer``).
 """
 
 from __future__ import annotations
@@ -86,12 +86,18 @@ class SelfLabelTask(Task):
         source = self._source[0]
         head = source.answer_head()
         strong_index = 1 if self.weak_view == self.view else 0
+        # features through the shared cache, with gradients (other tasks may read the same view);
+        # detached here, as the weak view only gives targets
+        weak_features = batch.features(self.weak_view).detach()
         with torch.no_grad():
-            weak = source.head_logits(batch.features(self.weak_view).detach())[head]
+            weak = source.head_logits(weak_features)[head]
             probs = weak.float().softmax(dim=1)
             chosen = confident_targets(probs, self.threshold, self.min_share)
             targets = probs.argmax(dim=1)
             self.confident_share.copy_((probs.max(dim=1).values >= self.threshold).float().mean())
-        logits = source.head_logits(batch.features(self.view, strong_index))[head][chosen]
+        logits = source.head_logits(batch.features(self.view, strong_index))[head]
+        if not chosen.any():  # min_share=0 and nobody confident: nothing to learn from this batch
+            return logits.sum() * 0.0
+        logits = logits[chosen]
         weights = balanced_class_weights(targets[chosen], probs.shape[1]).to(logits.device)
         return F.cross_entropy(logits.float(), targets[chosen], weight=weights)
