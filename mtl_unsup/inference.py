@@ -106,6 +106,9 @@ def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_
     dataset = ImageDataset(images, int(cfg.data.channels), transform)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     state = module.cluster_state
+    if state is None and module.answer() is None:
+        raise CheckpointError("This model has no clustering yet (saved before its first one, or "
+                              "never trained): use the last.ckpt of a finished run.")
     feats, clusters, confidence, distance = [], [], [], []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
         out = module.predict_clusters(batch["image"].to(device), kmeans=module.answer() is None)

@@ -80,7 +80,7 @@ def test_a_zero_weight_task_is_off_and_costs_no_augmentation():
 
 
 def test_a_task_asking_for_a_missing_view_is_named():
-    with pytest.raises(ValueError, match=r"task\.rotation\.view='colour'"):
+    with pytest.raises(ValueError, match=r"task\.rotation reads the view 'colour'"):
         make_module({"rotation": RotationTask(view="colour")})
 
 
@@ -101,7 +101,11 @@ def test_predictions_do_not_depend_on_the_other_images_of_the_batch(shapes_dir):
     from mtl_unsup.data import scan_folder
     from mtl_unsup.inference import predict_images
 
-    module = make_module({"cluster": ClusterTask()})
+    task = ClusterTask()
+    module = make_module({"cluster": task})
+    labels = torch.tensor([0, 1, 2])  # a clustering makes the head the answer
+    task.adopt(ClusterState(labels, torch.randn(3, 4), torch.zeros(module.backbone.feature_dim),
+                            torch.eye(module.backbone.feature_dim)[:, :4]), reset_head=False)
     module.train()  # as Lightning leaves it after fit and test
     cfg = OmegaConf.create({"data": {"channels": 1, "image_size": 16}})
     images = scan_folder(shapes_dir)
