@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/recipes"))
     parser.add_argument("overrides", nargs="*", help="extra train overrides for every recipe")
     args = parser.parse_args(argv)
+    # the code measured is the code at the start (a commit made during a long run is not in it)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     overrides = [*base_overrides(args.data, args.root), *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -176,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(train_recipe(name, overrides, seed, Path("outputs") / "benchmarks" / args.data / stamp
                                      / f"{name}_seed{seed}"))
             print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     table = [f"# {args.data}: recipes against pixel baselines (held-out ACC, seeds {args.seeds})", "",
              f"Measured {stamp} UTC at commit {commit.strip() or '?'} with:", "",
              f"    python -m mtl_unsup.benchmarks.recipes {' '.join(argv or sys.argv[1:])}", "",
