@@ -224,8 +224,7 @@ def cluster_problems(cluster: Any) -> list[str]:
     from mtl_unsup.clustering.refresh import ClusterSettings
 
     try:
-        ClusterSettings(assign=cluster.assign, marginals=cluster.marginals,
-                        min_size=cluster.min_size, sinkhorn_epsilon=cluster.sinkhorn_epsilon)
+        ClusterSettings.from_config(cluster)
     except ValueError as err:
         return [str(err)]
     return []

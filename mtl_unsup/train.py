@@ -116,12 +116,8 @@ def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: d
 
 def cluster_settings(cfg: DictConfig) -> ClusterSettings:
     """The ``cluster`` group as the refresh reads it (a wrong value stops the run, naming it)."""
-    c = cfg.cluster
     try:
-        return ClusterSettings(pca_dim=c.pca_dim, niter=c.niter, nredo=c.nredo,
-                               warm_start=c.warm_start, assign=c.assign, marginals=c.marginals,
-                               min_size=c.min_size, sinkhorn_epsilon=c.sinkhorn_epsilon,
-                               k_range=tuple(c.k_range), k_criterion=c.k_criterion)
+        return ClusterSettings.from_config(cfg.cluster)
     except ValueError as err:
         raise ConfigValueError(str(err)) from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -36,6 +37,14 @@ class ClusterSettings:
     sinkhorn_epsilon: float = 0.05
     k_range: tuple[int, int] = (2, 20)
     k_criterion: str = "silhouette"
+
+    @classmethod
+    def from_config(cls, cluster: Any) -> ClusterSettings:
+        """The settings of a ``cluster`` config group (its other keys, such as ``k``, ignored)."""
+        values = {f.name: cluster[f.name] for f in dataclasses.fields(cls) if f.name in cluster}
+        if "k_range" in values:
+            values["k_range"] = tuple(values["k_range"])
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.assign not in ASSIGNS:
