@@ -59,6 +59,8 @@ class DataConfig:
     on_bad_image: str = "skip"
     augmentations: dict[str, Any] = field(default_factory=dict)
     invert: bool = False
+    cache: str = "auto"
+    cache_max_gb: float = 2.0
 
 
 @dataclass

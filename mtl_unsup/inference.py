@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mtl_unsup.config import max_clusters
-from mtl_unsup.data.dataset import ImageDataset, image_transform
+from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.images import ImageList
 from mtl_unsup.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
 from mtl_unsup.models.module import MultiTaskModule
@@ -102,8 +102,8 @@ def predict_images(
 
 def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int,
              num_workers: int, progress: bool, device: str | torch.device) -> Predictions:
-    transform = image_transform(int(cfg.data.image_size), bool(cfg.data.get("invert", False)))
-    dataset = ImageDataset(images, int(cfg.data.channels), transform)
+    dataset = ImageDataset(images, int(cfg.data.channels), int(cfg.data.image_size),
+                           bool(cfg.data.get("invert", False)))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     state = module.cluster_state
     if state is None and module.answer() is None:

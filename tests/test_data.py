@@ -163,6 +163,37 @@ def test_bad_data_settings_are_named():
         ImageFolderDataModule(root="x", val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(DataError, match="data.mean"):
         ImageFolderDataModule(root="x", channels=3, mean=[0.5, 0.5])
+    with pytest.raises(DataError, match="data.cache='disk'"):
+        ImageFolderDataModule(root="x", cache="disk")
+
+
+@pytest.mark.parametrize("channels,invert", [(1, True), (3, False)])
+def test_decoded_cache_serves_the_same_images_as_the_files(tmp_path, channels, invert):
+    folder = write_shapes(tmp_path / "d", per_class=4)
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(13, 9), (40, 31), (5, 5)]):  # sizes that resizing must handle
+        pixels = rng.integers(0, 256, (*size, 4), dtype=np.uint8)
+        Image.fromarray(pixels, mode="RGBA").save(folder / "class_1" / f"odd_{i}.png")
+    kw = {"channels": channels, "invert": invert, "val_fraction": 0.2, "test_fraction": 0.2}
+    cached, plain = make_dm(folder, cache="memory", **kw), make_dm(folder, cache="none", **kw)
+    for split in ("train", "val", "test"):
+        a, b = cached._dataset(split), plain._dataset(split)
+        assert a.decoded is not None and b.decoded is None
+        for i in range(len(a)):
+            assert torch.equal(a[i]["image"], b[i]["image"]) and a[i]["label"] == b[i]["label"]
+    index = torch.tensor([3, 0, 3, len(a) - 1]) % cached.num_train
+    assert torch.equal(cached.train_images(index), plain.train_images(index))
+    assert cached._decoded["train"].dtype == torch.uint8  # decoded once, kept as bytes
+    assert cached._dataset("train").decoded is cached._decoded["train"]
+
+
+def test_decoded_cache_auto_holds_only_what_fits(tmp_path):
+    folder = write_shapes(tmp_path / "d", per_class=4)
+    assert make_dm(folder, cache="auto").caches_in_memory
+    bytes_needed = 12 * 1 * 16 * 16
+    assert not make_dm(folder, cache="auto", cache_max_gb=(bytes_needed - 1) / 2**30).caches_in_memory
+    assert make_dm(folder, cache="auto", cache_max_gb=bytes_needed / 2**30).caches_in_memory
+    assert make_dm(folder, cache="none").caches_in_memory is False
 
 
 def test_decompression_bombs_unreadable_files_and_unicode_names(tmp_path, monkeypatch):

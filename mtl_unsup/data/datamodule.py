@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from mtl_unsup.data.dataset import ImageDataset, image_transform
+from mtl_unsup.data.cache import decode_images, use_memory_cache
+from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.digits import write_digits_folder
 from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
 from mtl_unsup.data.resumable import ResumableDataLoader, ResumableSampler
@@ -70,6 +71,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             training device to [0, 1] images before normalisation; tasks ask for views by name.
         on_bad_image: ``skip`` (one warning listing the files), ``raise`` or ``ignore``.
         invert: use ``1 - image`` (e.g. black digits on white, such as the MNIST PNG copies).
+        cache: ``auto`` keeps each split decoded in memory (uint8) when all splits together take
+            at most ``cache_max_gb``; ``memory`` always, ``none`` decodes on every read.
     """
 
     def __init__(
@@ -94,6 +97,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         on_bad_image: str = "skip",
         augmentations: Mapping[str, Sequence[Any]] | None = None,
         invert: bool = False,
+        cache: str = "auto",
+        cache_max_gb: float = 2.0,
     ) -> None:
         super().__init__()
         if builtin is not None and builtin not in BUILTINS:
@@ -115,6 +120,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.on_bad_image, self.invert = on_bad_image, invert
+        self.cache, self.cache_max_gb = cache, cache_max_gb
+        use_memory_cache(cache, 0, channels, image_size, cache_max_gb)  # a typo fails here
+        self._decoded: dict[str, torch.Tensor] = {}
         self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
@@ -190,12 +198,22 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Plain [0, 1] training images by dataset index, stacked (for tasks that need images
         other than the batch's, such as neighbours)."""
         dataset = self._dataset("train")
+        if dataset.decoded is not None:
+            return dataset.to_float(dataset.decoded[indices.cpu()])
         return torch.stack([dataset[int(i)]["image"] for i in indices])
 
     # ----------------------------------------------------------------------------- loaders
+    @property
+    def caches_in_memory(self) -> bool:
+        total = sum(len(v) for v in self.splits.values())
+        return use_memory_cache(self.cache, total, self.channels, self.image_size,
+                                self.cache_max_gb)
+
     def _dataset(self, split: str) -> ImageDataset:
-        transform = image_transform(self.image_size, self.invert)
-        return ImageDataset(self.splits[split], self.channels, transform)
+        if split not in self._decoded and self.caches_in_memory:
+            self._decoded[split] = decode_images(self.splits[split], self.channels, self.image_size)
+        return ImageDataset(self.splits[split], self.channels, self.image_size, self.invert,
+                            decoded=self._decoded.get(split))
 
     def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
         return DataLoader(

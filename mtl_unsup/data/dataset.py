@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,15 +15,24 @@ def _inverted(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - x  # a named function: loader workers may need to pickle the transform
 
 
-def image_transform(image_size: int, invert: bool = False) -> v2.Compose:
-    """Decode to a ``C x image_size x image_size`` float tensor in [0, 1] (``1 - x`` with
-    ``invert``: dark strokes on a light ground become light on dark, as augmentations that pad
-    with zeros expect)."""
-    steps = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True),
-             v2.ToDtype(torch.float32, scale=True)]
+def decode_transform(image_size: int) -> v2.Compose:
+    """A decoded image as a ``C x image_size x image_size`` uint8 tensor (what the decoded-image
+    cache stores)."""
+    return v2.Compose([v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)])
+
+
+def float_transform(invert: bool = False) -> v2.Compose:
+    """uint8 to floats in [0, 1] (``1 - x`` with ``invert``: dark strokes on a light ground
+    become light on dark, as augmentations that pad with zeros expect)."""
+    steps = [v2.ToDtype(torch.float32, scale=True)]
     if invert:
         steps.append(v2.Lambda(_inverted))
     return v2.Compose(steps)
+
+
+def image_transform(image_size: int, invert: bool = False) -> v2.Compose:
+    """Decode to a ``C x image_size x image_size`` float tensor in [0, 1]."""
+    return v2.Compose([decode_transform(image_size), float_transform(invert)])
 
 
 class ImageDataset(Dataset):
@@ -34,18 +42,28 @@ class ImageDataset(Dataset):
     and normalisation happen batched on the training device (see :class:`MultiTaskModule`), which
     is far faster than per-image transforms in loader workers. ``label`` is -1 for unlabelled
     data and is never fed to a loss.
+
+    With ``decoded`` (the split's images already decoded and resized, N x C x S x S uint8, see
+    :mod:`mtl_unsup.data.cache`) nothing is read from disk; the items are the same, bit for bit.
     """
 
-    def __init__(
-        self, images: ImageList, channels: int, transform: Callable[[Any], torch.Tensor]
-    ) -> None:
-        self.images = images
-        self.channels = channels
-        self.transform = transform
+    def __init__(self, images: ImageList, channels: int, image_size: int, invert: bool = False,
+                 decoded: torch.Tensor | None = None) -> None:
+        if decoded is not None and len(decoded) != len(images):
+            raise ValueError(f"{len(decoded)} decoded images for a list of {len(images)}")
+        self.images, self.channels, self.decoded = images, channels, decoded
+        self.decode = decode_transform(image_size)
+        self.to_float = float_transform(invert)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def pixels(self, index: int) -> torch.Tensor:
+        """The image at ``index`` as uint8, ``C x S x S``."""
+        if self.decoded is not None:
+            return self.decoded[index]
+        return self.decode(load_image(self.images.paths[index], self.channels))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
-        img = load_image(self.images.paths[index], self.channels)
-        return {"index": index, "label": self.images.labels[index], "image": self.transform(img)}
+        return {"index": index, "label": self.images.labels[index],
+                "image": self.to_float(self.pixels(index))}
