@@ -162,6 +162,7 @@ class TrainConfig:
     resume: bool = False
     print_config: bool = True
     pictures: bool = True
+    channels_last: bool = True
     optimized_metric: str | None = "val/silhouette"
 
 

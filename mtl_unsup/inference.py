@@ -52,7 +52,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
         augmentations={name: nn.Identity() for name in cfg.data.augmentations},
         mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
         config=ckpt["mtl_config"], answer=str(cfg.cluster.get("answer", "auto")),
-        auto_k=cfg.cluster.k == "auto",
+        auto_k=cfg.cluster.k == "auto", channels_last=bool(cfg.get("channels_last", False)),
     )
     module.load_weights(ckpt, str(path))
     return module.eval(), cfg

@@ -225,7 +225,7 @@ def build_run(cfg: DictConfig) -> Run:
         config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
         cluster_settings={"pca_dim": cfg.cluster.pca_dim, "niter": cfg.cluster.niter,
                           "nredo": cfg.cluster.nredo},
-        answer=cfg.cluster.answer, auto_k=cfg.cluster.k == "auto",
+        answer=cfg.cluster.answer, auto_k=cfg.cluster.k == "auto", channels_last=cfg.channels_last,
     )
     check_sizes(module, datamodule.num_train)
     callbacks, checkpoint = build_callbacks(cfg)

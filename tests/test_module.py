@@ -114,3 +114,25 @@ def test_predictions_do_not_depend_on_the_other_images_of_the_batch(shapes_dir):
     assert (alone.clusters == together.clusters).all()
     assert torch.allclose(torch.from_numpy(alone.features), torch.from_numpy(together.features), atol=1e-5)
     assert module.training
+
+
+def test_channels_last_computes_the_same_features_and_checkpoints_load_either_way():
+    torch.manual_seed(0)
+    aug = {"weak": torch.nn.Identity(), "strong": torch.nn.Identity()}
+
+    def build(channels_last: bool) -> MultiTaskModule:
+        tasks = {"rotation": RotationTask(), "contrastive": ContrastiveTask()}
+        return MultiTaskModule(SmallCNN(3, (4, 8)), tasks, 3, None, augmentations=aug,
+                               mean=(0.5,) * 3, std=(0.5,) * 3, channels_last=channels_last)
+
+    plain, fast = build(False), build(True)
+    fast.load_state_dict(plain.state_dict())
+    conv = next(m for m in fast.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(6, 3, 8, 8)
+    assert fast.normalize(x).is_contiguous(memory_format=torch.channels_last)
+    assert not plain.normalize(x).is_contiguous(memory_format=torch.channels_last)
+    plain.eval(), fast.eval()
+    assert torch.allclose(plain.features(x), fast.features(x), atol=1e-5)
+    plain.load_state_dict(fast.state_dict())  # a channels-last checkpoint loads into a plain model
+    assert torch.allclose(plain.features(x), fast.features(x), atol=1e-5)
