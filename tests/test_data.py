@@ -181,8 +181,10 @@ def test_decoded_cache_serves_the_same_images_as_the_files(tmp_path, channels, i
         assert a.decoded is not None and b.decoded is None
         for i in range(len(a)):
             assert torch.equal(a[i]["image"], b[i]["image"]) and a[i]["label"] == b[i]["label"]
-    index = torch.tensor([3, 0, 3, len(a) - 1]) % cached.num_train
+    index = torch.tensor([3, 0, 3, cached.num_train - 1])
     assert torch.equal(cached.train_images(index), plain.train_images(index))
+    for a, b in zip(cached.cluster_dataloader(), plain.cluster_dataloader(), strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
     assert cached._decoded["train"].dtype == torch.uint8  # decoded once, kept as bytes
     assert cached._dataset("train").decoded is cached._decoded["train"]
 
@@ -194,6 +196,9 @@ def test_decoded_cache_auto_holds_only_what_fits(tmp_path):
     assert not make_dm(folder, cache="auto", cache_max_gb=(bytes_needed - 1) / 2**30).caches_in_memory
     assert make_dm(folder, cache="auto", cache_max_gb=bytes_needed / 2**30).caches_in_memory
     assert make_dm(folder, cache="none").caches_in_memory is False
+    workers = make_dm(folder, cache="memory", num_workers=2)  # a decoded split needs no worker
+    assert workers.cluster_dataloader().num_workers == 0
+    assert make_dm(folder, cache="none", num_workers=2).cluster_dataloader().num_workers == 2
 
 
 def test_decompression_bombs_unreadable_files_and_unicode_names(tmp_path, monkeypatch):

@@ -39,19 +39,25 @@ def use_memory_cache(mode: str, num_images: int, channels: int, image_size: int,
 
 
 def decode_images(images: ImageList, channels: int, image_size: int,
-                  threads: int | None = None) -> torch.Tensor:
+                  threads: int | None = None, chunk: int = 2048) -> torch.Tensor:
     """Every image of ``images`` decoded and resized: ``N x C x S x S`` uint8, in list order,
     exactly what :class:`~mtl_unsup.data.dataset.ImageDataset` would decode one by one.
 
-    Pillow releases the GIL while it decodes, so a few threads share the work.
+    Pillow releases the GIL while it decodes, so a few threads share the work; they write into
+    the array in chunks (no queue of a million pending decodes).
     """
     decode = decode_transform(image_size)
     out = torch.empty((len(images), channels, image_size, image_size), dtype=torch.uint8)
+
+    def fill(i: int) -> None:
+        out[i] = decode(load_image(images.paths[i], channels))
+
     start = time.perf_counter()
-    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        for i, pixels in enumerate(pool.map(lambda p: decode(load_image(p, channels)),
-                                            images.paths)):
-            out[i] = pixels
+    workers = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                             else os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        for lo in range(0, len(images), chunk):
+            list(pool.map(fill, range(lo, min(lo + chunk, len(images)))))
     log.info("Decoded %d images into memory (%.0f MB) in %.1f s", len(images),
              out.numel() / 2**20, time.perf_counter() - start)
     return out

@@ -205,9 +205,17 @@ class ImageFolderDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------- loaders
     @property
     def caches_in_memory(self) -> bool:
+        """Whether splits are kept decoded; ``auto`` shares ``cache_max_gb`` between the
+        processes of a node (each DDP rank holds its own copy)."""
         total = sum(len(v) for v in self.splits.values())
+        per_node = max(1, int(getattr(self.trainer, "num_devices", 1) or 1)) if self.trainer else 1
         return use_memory_cache(self.cache, total, self.channels, self.image_size,
-                                self.cache_max_gb)
+                                self.cache_max_gb / per_node)
+
+    def _workers(self, dataset: ImageDataset) -> int:
+        """Loader processes: none for a decoded split (a slice and a cast need no worker, and
+        workers started by spawn would copy the whole array)."""
+        return 0 if dataset.decoded is not None else self.num_workers
 
     def _dataset(self, split: str) -> ImageDataset:
         if split not in self._decoded and self.caches_in_memory:
@@ -216,10 +224,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                             decoded=self._decoded.get(split))
 
     def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
+        workers = self._workers(dataset)
         return DataLoader(
             dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -231,10 +239,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                                    seed=self.split_seed if self.shuffle_seed is None
                                    else self.shuffle_seed,
                                    drop_last=drop_last)
+        workers = self._workers(dataset)
         return ResumableDataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(sampler.seed),
         )
 
