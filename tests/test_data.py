@@ -189,6 +189,16 @@ def test_decoded_cache_serves_the_same_images_as_the_files(tmp_path, channels, i
     assert cached._dataset("train").decoded is cached._decoded["train"]
 
 
+def test_decoded_cache_fills_under_inference_mode(tmp_path):
+    """Lightning's test loop may ask for a split first under inference mode; the decoding threads
+    must still be able to write the array."""
+    cached = make_dm(write_shapes(tmp_path / "d", per_class=4), cache="memory")
+    plain = make_dm(tmp_path / "d", cache="none")
+    with torch.inference_mode():
+        loader = cached.test_dataloader()[0]
+    assert torch.equal(next(iter(loader))["image"], next(iter(plain.test_dataloader()[0]))["image"])
+
+
 def test_decoded_cache_auto_holds_only_what_fits(tmp_path):
     folder = write_shapes(tmp_path / "d", per_class=4)
     assert make_dm(folder, cache="auto").caches_in_memory

@@ -47,7 +47,10 @@ def decode_images(images: ImageList, channels: int, image_size: int,
     the array in chunks (no queue of a million pending decodes).
     """
     decode = decode_transform(image_size)
-    out = torch.empty((len(images), channels, image_size, image_size), dtype=torch.uint8)
+    # A normal tensor even when called under inference mode (a first test pass): the threads,
+    # which do not inherit that mode, could not write into an inference tensor.
+    with torch.inference_mode(False):
+        out = torch.empty((len(images), channels, image_size, image_size), dtype=torch.uint8)
 
     def fill(i: int) -> None:
         out[i] = decode(load_image(images.paths[i], channels))
