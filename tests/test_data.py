@@ -185,8 +185,9 @@ def test_decoded_cache_serves_the_same_images_as_the_files(tmp_path, channels, i
     assert torch.equal(cached.train_images(index), plain.train_images(index))
     for a, b in zip(cached.cluster_dataloader(), plain.cluster_dataloader(), strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
-    assert cached._decoded["train"].dtype == torch.uint8  # decoded once, kept as bytes
-    assert cached._dataset("train").decoded is cached._decoded["train"]
+    decoded = cached._dataset("train").decoded
+    assert decoded.dtype == torch.uint8  # decoded once, kept as bytes
+    assert cached._dataset("train").decoded is decoded
 
 
 def test_decoded_cache_fills_under_inference_mode(tmp_path):
@@ -235,11 +236,11 @@ def test_a_folder_of_only_bad_images_is_an_error(tmp_path):
 
 
 def test_invert_turns_dark_strokes_on_white_into_light_on_black(tmp_path):
-    from mtl_unsup.data.dataset import image_transform
+    from mtl_unsup.data.dataset import decode_transform, float_transform
 
     pixels = np.full((8, 8), 255, np.uint8)
     pixels[2:6, 3] = 0  # a black stroke on white, as the MNIST PNG copies are
     image = Image.fromarray(pixels, mode="L")
-    plain, inverted = (image_transform(8, invert)(image) for invert in (False, True))
+    plain, inverted = (float_transform(invert)(decode_transform(8)(image)) for invert in (False, True))
     assert torch.allclose(inverted, 1 - plain)
     assert inverted[0, 2, 3] == 1.0 and inverted[0, 0, 0] == 0.0

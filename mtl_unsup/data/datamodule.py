@@ -122,7 +122,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.on_bad_image, self.invert = on_bad_image, invert
         self.cache, self.cache_max_gb = cache, cache_max_gb
         use_memory_cache(cache, 0, channels, image_size, cache_max_gb)  # a typo fails here
-        self._decoded: dict[str, torch.Tensor] = {}
+        self._datasets: dict[str, ImageDataset] = {}  # built once per split (see _dataset)
         self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
@@ -218,10 +218,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         return 0 if dataset.decoded is not None else self.num_workers
 
     def _dataset(self, split: str) -> ImageDataset:
-        if split not in self._decoded and self.caches_in_memory:
-            self._decoded[split] = decode_images(self.splits[split], self.channels, self.image_size)
-        return ImageDataset(self.splits[split], self.channels, self.image_size, self.invert,
-                            decoded=self._decoded.get(split))
+        """The split's dataset, built (and, when cached, decoded) on first use: every loader,
+        refresh pass and neighbour fetch of a run reads the same one."""
+        if split not in self._datasets:
+            images = self.splits[split]
+            decoded = (decode_images(images, self.channels, self.image_size)
+                       if self.caches_in_memory else None)
+            self._datasets[split] = ImageDataset(images, self.channels, self.image_size,
+                                                 self.invert, decoded=decoded)
+        return self._datasets[split]
 
     def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
         workers = self._workers(dataset)

@@ -30,11 +30,6 @@ def float_transform(invert: bool = False) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def image_transform(image_size: int, invert: bool = False) -> v2.Compose:
-    """Decode to a ``C x image_size x image_size`` float tensor in [0, 1]."""
-    return v2.Compose([decode_transform(image_size), float_transform(invert)])
-
-
 class ImageDataset(Dataset):
     """Items are ``{"index", "label", "image"}``.
 
