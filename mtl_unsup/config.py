@@ -45,9 +45,10 @@ class DataConfig:
     test_root: str | None = None
     labels: str = "auto"
     channels: int = 3
-    image_size: int = 32
-    mean: Any = 0.5
-    std: Any = 0.5
+    # null: what the backbone's weights expect (its pretrained config), else 32, 0.5, 0.25
+    image_size: int | None = None
+    mean: Any = None
+    std: Any = None
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -61,6 +62,10 @@ class DataConfig:
     invert: bool = False
     cache: str = "auto"
     cache_max_gb: float = 2.0
+    # backbone.freeze=true: compute each image's features once and train the heads on them
+    embedding_cache: bool = True
+    # ... and this many augmented copies per view of each training image (0: plain features)
+    embedding_copies: int = 0
 
 
 @dataclass

@@ -24,6 +24,8 @@ def quiet_third_party() -> None:
     # Under DDP, Lightning warns that test loaders pad duplicates in; our evaluation gathers
     # every split by dataset index and drops them (mtl_unsup/models/evaluation.py).
     warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders")
+    # A frozen backbone (backbone.freeze=true) stays in eval mode on purpose, BatchNorm included.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # torchmetrics builds NMI's contingency table as a sparse tensor without invariant checks.
     warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",

@@ -45,7 +45,9 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
     ckpt = load_checkpoint(path)
     cfg = OmegaConf.create(ckpt["mtl_config"])
     channels = int(cfg.data.channels)
-    backbone = instantiate(cfg.backbone, in_channels=channels, weights_path=None)
+    # the checkpoint holds the weights: nothing is fetched or read from where the run started
+    fresh = {"weights_path": None, **({"pretrained": False} if "pretrained" in cfg.backbone else {})}
+    backbone = instantiate(cfg.backbone, in_channels=channels, **fresh)
     tasks = {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
     module = MultiTaskModule(
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=None,

@@ -26,9 +26,11 @@ from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.clustering.refresh import ClusterSettings
 from mtl_unsup.config import ConfigValueError, check_config, max_clusters, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
+from mtl_unsup.data.embeddings import EmbeddingCache
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import load_checkpoint, predict_images
 from mtl_unsup.metrics import reads_labels
+from mtl_unsup.models.backbones import expected_input
 from mtl_unsup.models.evaluation import split_metric_names
 from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
@@ -54,7 +56,16 @@ def build_tasks(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
-    """Instantiate the data module and read and check every image now, before any training."""
+    """Instantiate the data module and read and check every image now, before any training.
+
+    ``data.image_size``, ``mean`` and ``std`` left null become those the backbone's weights
+    expect (:func:`~mtl_unsup.models.backbones.expected_input`), written into ``cfg``.
+    """
+    if any(cfg.data.get(key) is None for key in ("image_size", "mean", "std")):
+        expected = expected_input(cfg.backbone, cfg.data.channels)
+        for key, value in expected.items():
+            if cfg.data.get(key) is None:
+                cfg.data[key] = value
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.shuffle_seed = cfg.seed
     datamodule.prepare_data()
@@ -198,6 +209,26 @@ def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -
     print(f"cluster.k=auto chose k={module.k} by {criterion} (k_selection.csv)")
 
 
+def use_embedding_cache(cfg: DictConfig, datamodule: ImageFolderDataModule, backbone: Any,
+                        tasks: dict[str, Any]) -> None:
+    """A frozen backbone's features are computed once and cached; the heads train on them."""
+    for name, task in tasks.items():
+        if task.needs_images and task.weight > 0:
+            raise ConfigValueError(
+                f"task.{name} works on images, but with backbone.freeze=true the heads train on cached "
+                f"features (data.embedding_cache=true). Drop it (e.g. task=[cluster,scan]) or set "
+                "data.embedding_cache=false to augment and embed the images at every step.")
+    identity = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+                "channels": datamodule.channels, "image_size": datamodule.image_size,
+                "invert": datamodule.invert, "channels_last": cfg.channels_last,
+                "augmentations": OmegaConf.to_container(cfg.data.augmentations, resolve=True)
+                if datamodule.embedding_copies else None}
+    datamodule.use_embeddings(EmbeddingCache(
+        backbone.to(memory_format=torch.channels_last) if cfg.channels_last else backbone,
+        datamodule.mean, datamodule.std, datamodule.augmentations, datamodule.embedding_copies,
+        cfg.paths.cache_dir, identity, seed=cfg.seed))
+
+
 @dataclass
 class Run:
     """Everything one training run is made of, built and checked before any training."""
@@ -215,6 +246,8 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule = build_datamodule(cfg)
     tasks = build_tasks(cfg)
     backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
+    if getattr(backbone, "frozen", False) and datamodule.embedding_cache:
+        use_embedding_cache(cfg, datamodule, backbone, tasks)
     check_selection(cfg, datamodule, tasks)
     check_schedule(cfg, tasks)
     module = MultiTaskModule(

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from mtl_unsup.models.backbones import ConfigError, SmallCNN, TorchvisionBackbone
+from mtl_unsup.models.weights import WeightsError
 
 
 def test_small_cnn_exposes_its_feature_dim_for_any_small_size():
@@ -34,12 +35,12 @@ def test_local_weights_load_and_mismatches_are_named(tmp_path):
     loaded = SmallCNN(1, (4, 8), weights_path=str(path))
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
-    with pytest.raises(ConfigError, match="does not match the backbone.*wrong shape"):
+    with pytest.raises(WeightsError, match="does not fit backbone SmallCNN.*wrong shape"):
         SmallCNN(1, (4, 16), weights_path=str(path))
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(WeightsError, match="does not exist"):
         SmallCNN(1, (4, 8), weights_path=str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="is not a state dict"):
+    with pytest.raises(WeightsError, match="is not a weights file"):
         SmallCNN(1, (4, 8), weights_path=str(tmp_path / "junk.pt"))
 
 

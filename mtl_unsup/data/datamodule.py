@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mtl_unsup.data.cache import decode_images, use_memory_cache
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.digits import write_digits_folder
+from mtl_unsup.data.embeddings import EmbeddingCache, EmbeddingDataset
 from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
 from mtl_unsup.data.resumable import ResumableDataLoader, ResumableSampler
 
@@ -99,6 +100,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         invert: bool = False,
         cache: str = "auto",
         cache_max_gb: float = 2.0,
+        embedding_cache: bool = True,
+        embedding_copies: int = 0,
     ) -> None:
         super().__init__()
         if builtin is not None and builtin not in BUILTINS:
@@ -109,6 +112,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise DataError("data.val_fraction and data.test_fraction must lie in [0, 1).")
         if val_fraction + test_fraction >= 1:
             raise DataError("data.val_fraction + data.test_fraction must be below 1.")
+        if embedding_copies < 0:
+            raise DataError(f"data.embedding_copies={embedding_copies}: must be >= 0 (0: plain features).")
         if image_size < 4:
             raise DataError(f"data.image_size={image_size} is too small (at least 4).")
         self.root, self.builtin = root, builtin
@@ -121,8 +126,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.on_bad_image, self.invert = on_bad_image, invert
         self.cache, self.cache_max_gb = cache, cache_max_gb
+        self.embedding_cache, self.embedding_copies = embedding_cache, embedding_copies
         use_memory_cache(cache, 0, channels, image_size, cache_max_gb)  # a typo fails here
-        self._datasets: dict[str, ImageDataset] = {}  # built once per split (see _dataset)
+        self._datasets: dict[str, ImageDataset | EmbeddingDataset] = {}  # one per split (_dataset)
+        self.embeddings: EmbeddingCache | None = None  # a frozen backbone's features (use_embeddings)
         self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
@@ -194,10 +201,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         """Ground truth of the training set, for logging clustering quality only."""
         return torch.tensor(self.splits["train"].labels, dtype=torch.long)
 
+    def use_embeddings(self, cache: EmbeddingCache) -> None:
+        """Serve a frozen backbone's cached features instead of images (see
+        :mod:`mtl_unsup.data.embeddings`): items, batches and :meth:`train_images` hold feature
+        rows, and each view picks one of its cached copies."""
+        self.embeddings = cache
+        self.augmentations = cache.views()
+        self._datasets.clear()
+
     def train_images(self, indices: torch.Tensor) -> torch.Tensor:
         """Plain [0, 1] training images by dataset index, stacked (for tasks that need images
-        other than the batch's, such as neighbours)."""
+        other than the batch's, such as neighbours); cached feature rows with a frozen backbone."""
         dataset = self._dataset("train")
+        if isinstance(dataset, EmbeddingDataset):
+            return dataset.rows(indices)
         if dataset.decoded is not None:
             return dataset.to_float(dataset.decoded[indices.cpu()])
         return torch.stack([dataset[int(i)]["image"] for i in indices])
@@ -212,23 +229,33 @@ class ImageFolderDataModule(L.LightningDataModule):
         return use_memory_cache(self.cache, total, self.channels, self.image_size,
                                 self.cache_max_gb / per_node)
 
-    def _workers(self, dataset: ImageDataset) -> int:
-        """Loader processes: none for a decoded split (a slice and a cast need no worker, and
-        workers started by spawn would copy the whole array)."""
-        return 0 if dataset.decoded is not None else self.num_workers
+    def _workers(self, dataset: ImageDataset | EmbeddingDataset) -> int:
+        """Loader processes: none for a decoded split or cached features (a slice and a cast
+        need no worker, and workers started by spawn would copy the whole array)."""
+        return 0 if getattr(dataset, "decoded", True) is not None else self.num_workers
 
-    def _dataset(self, split: str) -> ImageDataset:
-        """The split's dataset, built (and, when cached, decoded) on first use: every loader,
-        refresh pass and neighbour fetch of a run reads the same one."""
+    def _dataset(self, split: str) -> ImageDataset | EmbeddingDataset:
+        """The split's dataset, built (and, when cached, decoded or embedded) on first use:
+        every loader, refresh pass and neighbour fetch of a run reads the same one."""
         if split not in self._datasets:
-            images = self.splits[split]
-            decoded = (decode_images(images, self.channels, self.image_size)
-                       if self.caches_in_memory else None)
-            self._datasets[split] = ImageDataset(images, self.channels, self.image_size,
-                                                 self.invert, decoded=decoded)
+            if self.embeddings is None:
+                self._datasets[split] = self._image_dataset(split)
+            else:
+                trainer = self.trainer
+                features = self.embeddings.load_or_compute(
+                    split, self.splits[split].fingerprint(),
+                    loader=lambda: self._eval_loader(self._image_dataset(split)),
+                    barrier=trainer.strategy.barrier if trainer else lambda: None,
+                    is_main=trainer.is_global_zero if trainer else True)
+                self._datasets[split] = EmbeddingDataset(features, self.splits[split].labels)
         return self._datasets[split]
 
-    def _eval_loader(self, dataset: ImageDataset, sampler: Any = None) -> DataLoader:
+    def _image_dataset(self, split: str) -> ImageDataset:
+        images = self.splits[split]
+        decoded = decode_images(images, self.channels, self.image_size) if self.caches_in_memory else None
+        return ImageDataset(images, self.channels, self.image_size, self.invert, decoded=decoded)
+
+    def _eval_loader(self, dataset: ImageDataset | EmbeddingDataset, sampler: Any = None) -> DataLoader:
         workers = self._workers(dataset)
         return DataLoader(
             dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,

@@ -116,12 +116,21 @@ class MultiTaskModule(L.LightningModule):
         return counts
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:  # cached feature rows (a frozen backbone): nothing to normalise
+            return x
         x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def encode(self, view: torch.Tensor) -> torch.Tensor:
+        """Backbone features of a normalised view; a view of cached features is already that."""
+        return view if view.ndim == 2 else self.backbone(view)
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features of plain [0, 1] images (normalised here)."""
-        return self.backbone(self.normalize(images))
+        """Backbone features of plain [0, 1] images (normalised here), or the plain slot of
+        cached feature rows (``(B, slots, D)``, see :mod:`mtl_unsup.data.embeddings`)."""
+        if images.ndim == 3:
+            return images[:, 0]
+        return self.encode(self.normalize(images))
 
     @torch.no_grad()
     def make_views(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
@@ -224,7 +233,7 @@ class MultiTaskModule(L.LightningModule):
         # makes a resumed run draw what the interrupted one would have.
         torch.manual_seed(self.step_seed(batch_idx))
         # Only views and indices go to the tasks: ground-truth labels never reach a loss.
-        task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.backbone,
+        task_batch = TaskBatch(self.make_views(batch["image"]), batch["index"], self.encode,
                                fetch=self.fetch_views)
         total = torch.zeros((), device=self.device)
         bs = len(batch["index"])
@@ -248,7 +257,8 @@ class MultiTaskModule(L.LightningModule):
         return total
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        # a frozen backbone's parameters get no optimizer state (nor weight decay)
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -330,6 +340,8 @@ class MultiTaskModule(L.LightningModule):
         if self.k_selection:
             checkpoint["k_selection"] = dict(self.k_selection)
         checkpoint["mtl_config"] = self.config
+        checkpoint["backbone_weights"] = {"start": getattr(self.backbone, "weights", "random"),
+                                          "frozen": bool(getattr(self.backbone, "frozen", False))}
         checkpoint["mtl_version"] = f"mtl-unsup {mtl_unsup.__version__}"
         # The augmentations and random heads draw from the global RNGs: a resumed run must
         # continue their streams exactly where the interrupted one stood.

@@ -66,6 +66,7 @@ class Task(nn.Module):
     num_views: int = 1
     refreshes: bool = False  # owns dataset-level targets
     has_cluster_heads: bool = False  # known before build(), unlike cluster_heads()
+    needs_images: bool = False  # reads image views (not only features): no cached features
     # Where the recipe stands in the field's pipeline (k-means targets 0 < neighbours 1): of two
     # clustering tasks, the later stage's head is the run's answer (see MultiTaskModule.answer).
     stage: int = 0

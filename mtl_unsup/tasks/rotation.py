@@ -18,6 +18,8 @@ class RotationTask(Task):
             random rotation per image.
     """
 
+    needs_images = True  # rotates the images themselves
+
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
                  stop_epoch: int | None = None,
                  all_rotations: bool = False) -> None:
