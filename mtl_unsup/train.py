@@ -223,9 +223,9 @@ def use_embedding_cache(cfg: DictConfig, datamodule: ImageFolderDataModule, back
                 "invert": datamodule.invert, "channels_last": cfg.channels_last,
                 "augmentations": OmegaConf.to_container(cfg.data.augmentations, resolve=True)
                 if datamodule.embedding_copies else None}
+    # the features are computed at fit time, by the backbone as the module holds it (channels-last)
     datamodule.use_embeddings(EmbeddingCache(
-        backbone.to(memory_format=torch.channels_last) if cfg.channels_last else backbone,
-        datamodule.mean, datamodule.std, datamodule.augmentations, datamodule.embedding_copies,
+        backbone, datamodule.mean, datamodule.std, datamodule.augmentations, datamodule.embedding_copies,
         cfg.paths.cache_dir, identity, seed=cfg.seed))
 
 

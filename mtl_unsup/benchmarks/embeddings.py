@@ -4,9 +4,10 @@ backbone, side by side in one process.
 ``python -m mtl_unsup.benchmarks.embeddings [train overrides]`` trains two runs of two epochs with
 ``backbone.freeze=true``: one with ``data.embedding_cache=true`` (features computed once), one with
 ``data.embedding_cache=false`` (images augmented and embedded at every step), and prints
-``name=value`` lines: each run's second epoch (refreshes excluded), their ratio, and the one-time
-embedding pass. The default is the bundled digits with a torchvision ResNet-18 (512 features);
-``data=folder data.root=<cifar10>/train`` measures a 50,000-image folder.
+``name=value`` lines: each run's second epoch (refreshes excluded), their ratio, and each run's
+whole time (the cached one includes embedding every image once). The default is the bundled digits
+with a torchvision ResNet-18 (512 features); ``data=folder data.root=<folder>`` measures a folder
+(figures in experiments/pretrained/README.md).
 """
 
 from __future__ import annotations

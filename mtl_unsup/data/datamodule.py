@@ -133,7 +133,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.shuffle_seed: int | None = None  # the run's seed, set by the training script
         self.augmentations = {k: self._augmenter(v) for k, v in (augmentations or {}).items()}
         self.splits: dict[str, ImageList] = {}
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}  # split -> digest of its image list (read once)
 
     def _augmenter(self, transforms: Sequence[nn.Module]) -> nn.Module:
         seq = nn.Sequential(*transforms)
@@ -189,9 +189,13 @@ class ImageFolderDataModule(L.LightningDataModule):
     @property
     def fingerprint(self) -> str:
         """Digest of the training image list, which pseudo-labels are indexed by."""
-        if self._fingerprint is None:
-            self._fingerprint = self.splits["train"].fingerprint()
-        return self._fingerprint
+        return self.split_fingerprint("train")
+
+    def split_fingerprint(self, split: str) -> str:
+        """Digest of a split's image list (it reads the head of every file: computed once)."""
+        if split not in self._fingerprints:
+            self._fingerprints[split] = self.splits[split].fingerprint()
+        return self._fingerprints[split]
 
     def describe(self) -> str:
         """Where the training images come from, for messages."""
@@ -243,7 +247,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             else:
                 trainer = self.trainer
                 features = self.embeddings.load_or_compute(
-                    split, self.splits[split].fingerprint(),
+                    split, self.split_fingerprint(split),
                     loader=lambda: self._eval_loader(self._image_dataset(split)),
                     barrier=trainer.strategy.barrier if trainer else lambda: None,
                     is_main=trainer.is_global_zero if trainer else True)
