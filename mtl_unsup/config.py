@@ -69,6 +69,27 @@ class DataConfig:
 
 
 @dataclass
+class EmbeddingDataConfig:
+    """``data=embeddings``: rows of a file of embeddings (see mtl_unsup.data.embedding_file)."""
+
+    _target_: str = "mtl_unsup.data.embedding_datamodule.EmbeddingFileDataModule"
+    path: str = MISSING
+    key: str | None = None
+    paths_key: str | None = None
+    labels_key: str | None = None
+    paths_file: str | None = None
+    image_root: str | None = None
+    labels: str = "auto"
+    views: list[str] = field(default_factory=lambda: ["weak", "strong"])
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    drop_last: bool = True
+
+
+@dataclass
 class ClusterConfig:
     k: Any = 10  # a number of clusters, or "auto": chosen in k_range by k_criterion
     k_range: list[int] = field(default_factory=lambda: [2, 20])
@@ -152,7 +173,8 @@ class PathsConfig:
 
 @dataclass
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
+    # each data option brings its schema (DataConfig or EmbeddingDataConfig, see register_configs)
+    data: Any = MISSING
     backbone: Any = MISSING
     task: dict[str, Any] = field(default_factory=dict)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -163,6 +185,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
+    # epochs in which only self-supervised tasks train; clustering tasks start after (their YAMLs)
+    warmup_epochs: int = 20
     ckpt_path: str | None = None
     resume: bool = False
     print_config: bool = True
@@ -179,6 +203,8 @@ def check_config(cfg: Any) -> None:
     """Range checks the schema's types cannot express; run before any data is read."""
     problems = []
     problems += k_problems(cfg.cluster)
+    if cfg.warmup_epochs < 0:
+        problems.append(f"warmup_epochs={cfg.warmup_epochs}: must be >= 0.")
     if cfg.cluster.every_n_epochs < 1:
         problems.append(f"cluster.every_n_epochs={cfg.cluster.every_n_epochs}: must be >= 1.")
     if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim < 0:
@@ -297,4 +323,8 @@ def trainer_problems(trainer: Any) -> list[str]:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    # the data options' schemas (conf/data/*.yaml name theirs in their defaults list)
+    store.store(group="schema/data", name="images", node=DataConfig)
+    store.store(group="schema/data", name="embeddings", node=EmbeddingDataConfig)

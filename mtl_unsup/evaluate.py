@@ -26,7 +26,7 @@ from omegaconf import MISSING, DictConfig
 
 from mtl_unsup.baselines import BASELINES, check_baselines, comparison_table, run_baseline, score_labels
 from mtl_unsup.cli import hydra_command
-from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig
+from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig, register_configs
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import model_from_checkpoint, predict_images
 from mtl_unsup.metrics import score_clustering
@@ -52,6 +52,7 @@ class EvaluateConfig:
     hdbscan_min_cluster_size: int | None = None
 
 
+register_configs()  # the data options' schemas
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 

@@ -44,14 +44,15 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
     """Rebuild the trained model (eval mode, clustering state included) and its run config."""
     ckpt = load_checkpoint(path)
     cfg = OmegaConf.create(ckpt["mtl_config"])
-    channels = int(cfg.data.channels)
+    channels = int(cfg.data.get("channels", 1))  # data=embeddings: rows, no channels
     # the checkpoint holds the weights: nothing is fetched or read from where the run started
     fresh = {"weights_path": None, **({"pretrained": False} if "pretrained" in cfg.backbone else {})}
     backbone = instantiate(cfg.backbone, in_channels=channels, **fresh)
     tasks = {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
+    views = cfg.data.augmentations if "augmentations" in cfg.data else cfg.data.views  # images | rows
     module = MultiTaskModule(
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=None,
-        augmentations={name: nn.Identity() for name in cfg.data.augmentations},
+        augmentations={name: nn.Identity() for name in views},
         mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
         config=ckpt["mtl_config"], answer=str(cfg.cluster.get("answer", "auto")),
         auto_k=cfg.cluster.k == "auto", channels_last=bool(cfg.get("channels_last", False)),
@@ -91,7 +92,21 @@ def predict_images(
     module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int = 256,
     num_workers: int = 0, progress: bool = True, device: str | torch.device = "cpu",
 ) -> Predictions:
-    """Stream ``images`` through the model in batches.
+    """Stream ``images`` through the model in batches (see :func:`predict_loader`)."""
+    if "image_size" not in cfg.data:
+        raise CheckpointError("This model clusters rows of embeddings (it was trained with "
+                              "data=embeddings), not images: give it embeddings, data=embeddings "
+                              "data.path=<file>.")
+    dataset = ImageDataset(images, int(cfg.data.channels), int(cfg.data.image_size),
+                           bool(cfg.data.get("invert", False)))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    return predict_loader(module, loader, progress, device)
+
+
+@torch.no_grad()
+def predict_loader(module: MultiTaskModule, loader: DataLoader, progress: bool = True,
+                   device: str | torch.device = "cpu") -> Predictions:
+    """Every item of ``loader`` (images, or rows of features) through the model, in order.
 
     The cluster is the clustering head's choice (k-means' when there is no head), confidence its
     softmax probability, distance the whitened feature's distance to that cluster's centroid.
@@ -99,14 +114,11 @@ def predict_images(
     """
     module = module.to(device)
     with eval_mode(module):
-        return _predict(module, cfg, images, batch_size, num_workers, progress, device)
+        return _predict(module, loader, progress, device)
 
 
-def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_size: int,
-             num_workers: int, progress: bool, device: str | torch.device) -> Predictions:
-    dataset = ImageDataset(images, int(cfg.data.channels), int(cfg.data.image_size),
-                           bool(cfg.data.get("invert", False)))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+def _predict(module: MultiTaskModule, loader: DataLoader, progress: bool,
+             device: str | torch.device) -> Predictions:
     state = module.cluster_state
     if state is None and module.answer() is None:
         raise CheckpointError("This model has no clustering yet (saved before its first one, or "
@@ -124,7 +136,7 @@ def _predict(module: MultiTaskModule, cfg: DictConfig, images: ImageList, batch_
         confidence.append(conf.cpu())
         if state is not None:
             distance.append(state.distance_to(out["features"], cluster))
-    n = len(images)
+    n = len(loader.dataset)
     return Predictions(
         features=torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32),
         clusters=torch.cat(clusters).numpy() if clusters else np.zeros(0, np.int64),

@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from mtl_unsup.cli import hydra_command
-from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig
+from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.images import ImageList, drop_bad_images, scan_folder
 from mtl_unsup.errors import UserError
@@ -55,6 +55,7 @@ class PredictConfig:
     progress: bool = True
 
 
+register_configs()  # the data options' schemas
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 
 

@@ -49,7 +49,8 @@ def schedule_findings(cfg: DictConfig, tasks: Mapping[str, Task]) -> list[str]:
     first = min((task.start_epoch for task in live.values()), default=0)
     if live and first > 0:
         findings.append(f"epochs 0-{first - 1} train nothing: every task starts at epoch {first} or "
-                        "later. Lower a task's start_epoch.")
+                        "later. Lower a task's start_epoch (warmup_epochs=0 starts the clustering "
+                        "tasks at once).")
     scheduler = cfg.get("scheduler")
     if lr_fraction_at(cfg, 0) is not None and max_epochs and scheduler.T_max < max_epochs:
         findings.append(f"scheduler.T_max={scheduler.T_max} < trainer.max_epochs={max_epochs}: the "

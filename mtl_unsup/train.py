@@ -26,8 +26,10 @@ from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.clustering.refresh import ClusterSettings
 from mtl_unsup.config import ConfigValueError, check_config, max_clusters, register_configs
 from mtl_unsup.data.datamodule import ImageFolderDataModule
+from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.embeddings import EmbeddingCache
 from mtl_unsup.data.images import DataError
+from mtl_unsup.embedding_outputs import write_row_predictions
 from mtl_unsup.inference import load_checkpoint, predict_images
 from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.backbones import expected_input
@@ -40,6 +42,7 @@ from mtl_unsup.visualize import k_selection, save_pictures
 
 log = logging.getLogger(__name__)
 register_configs()
+FEATURES_TARGET = "mtl_unsup.models.feature_input.FeatureInput"
 
 
 def build_tasks(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +64,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
     ``data.image_size``, ``mean`` and ``std`` left null become those the backbone's weights
     expect (:func:`~mtl_unsup.models.backbones.expected_input`), written into ``cfg``.
     """
-    if any(cfg.data.get(key) is None for key in ("image_size", "mean", "std")):
+    if "image_size" in cfg.data and any(cfg.data.get(k) is None for k in ("image_size", "mean", "std")):
         expected = expected_input(cfg.backbone, cfg.data.channels)
         for key, value in expected.items():
             if cfg.data.get(key) is None:
@@ -209,15 +212,20 @@ def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -
     print(f"cluster.k=auto chose k={module.k} by {criterion} (k_selection.csv)")
 
 
+def refuse_image_tasks(tasks: dict[str, Any], why: str, fix: str) -> None:
+    """Tasks that transform images (rotation) cannot train on rows of features."""
+    for name, task in tasks.items():
+        if task.needs_images and task.weight > 0:
+            raise ConfigValueError(f"task.{name} works on images, but {why}. Drop it (e.g. "
+                                   f"task=[cluster,scan]){fix}.")
+
+
 def use_embedding_cache(cfg: DictConfig, datamodule: ImageFolderDataModule, backbone: Any,
                         tasks: dict[str, Any]) -> None:
     """A frozen backbone's features are computed once and cached; the heads train on them."""
-    for name, task in tasks.items():
-        if task.needs_images and task.weight > 0:
-            raise ConfigValueError(
-                f"task.{name} works on images, but with backbone.freeze=true the heads train on cached "
-                f"features (data.embedding_cache=true). Drop it (e.g. task=[cluster,scan]) or set "
-                "data.embedding_cache=false to augment and embed the images at every step.")
+    refuse_image_tasks(tasks, "with backbone.freeze=true the heads train on cached features "
+                       "(data.embedding_cache=true)", " or set data.embedding_cache=false to augment "
+                       "and embed the images at every step")
     identity = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
                 "channels": datamodule.channels, "image_size": datamodule.image_size,
                 "invert": datamodule.invert, "channels_last": cfg.channels_last,
@@ -227,6 +235,25 @@ def use_embedding_cache(cfg: DictConfig, datamodule: ImageFolderDataModule, back
     datamodule.use_embeddings(EmbeddingCache(
         backbone, datamodule.mean, datamodule.std, datamodule.augmentations, datamodule.embedding_copies,
         cfg.paths.cache_dir, identity, seed=cfg.seed))
+
+
+def build_backbone(cfg: DictConfig, datamodule: Any, tasks: dict[str, Any]) -> Any:
+    """The backbone for the data: an image model, or the rows themselves for ``data=embeddings``
+    (``backbone=features``, sized here from the file and recorded in ``cfg``)."""
+    if isinstance(datamodule, EmbeddingFileDataModule):
+        if cfg.backbone.get("_target_") != FEATURES_TARGET:
+            raise ConfigValueError(
+                f"data=embeddings clusters rows of features, so it takes no image backbone "
+                f"({cfg.backbone.get('_target_')}): drop the backbone= override (data=embeddings "
+                "sets backbone=features).")
+        refuse_image_tasks(tasks, f"data=embeddings clusters rows of features ({datamodule.describe()})", "")
+        with open_dict(cfg):
+            cfg.backbone.dim = datamodule.feature_dim
+        return instantiate(cfg.backbone)
+    backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
+    if getattr(backbone, "frozen", False) and datamodule.embedding_cache:
+        use_embedding_cache(cfg, datamodule, backbone, tasks)
+    return backbone
 
 
 @dataclass
@@ -245,9 +272,7 @@ def build_run(cfg: DictConfig) -> Run:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     tasks = build_tasks(cfg)
-    backbone = instantiate(cfg.backbone, in_channels=datamodule.channels)
-    if getattr(backbone, "frozen", False) and datamodule.embedding_cache:
-        use_embedding_cache(cfg, datamodule, backbone, tasks)
+    backbone = build_backbone(cfg, datamodule, tasks)
     check_selection(cfg, datamodule, tasks)
     check_schedule(cfg, tasks)
     module = MultiTaskModule(
@@ -286,7 +311,8 @@ def adopt_checkpoint(ckpt_path: str, resuming: bool, run: Run) -> str | None:
     same = not state or (saved == datamodule.fingerprint if saved
                          else len(state["labels"]) == datamodule.num_train)
     if not same:
-        then = (ckpt.get("mtl_config") or {}).get("data", {}).get("root", "?")
+        data = (ckpt.get("mtl_config") or {}).get("data", {})
+        then = data.get("root") or data.get("path", "?")
         what = (f"{ckpt_path} holds pseudo-labels of other training images ({then}: "
                 f"{len(state['labels'])} images) than this run's ({datamodule.describe()}: "
                 f"{datamodule.num_train} images, or another split of them)")
@@ -346,7 +372,9 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if module.auto_k:
             write_k_selection(out_dir, module, cfg)
-        if cfg.pictures:
+        if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's
+            predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures)
+        elif cfg.pictures:
             draw_pictures(out_dir, module, cfg, datamodule)
         print(format_table(metrics))
         answer = module.answer()
@@ -361,6 +389,8 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
         if best:
             print(f"            best by {monitor}{chosen}: {best}")
         print(f"metrics:    {out_dir / 'metrics.json'}")
+        if isinstance(datamodule, EmbeddingFileDataModule):
+            print(f"clusters:   {predictions}")
     return metrics
 
 

@@ -135,11 +135,12 @@ def _save(fig: plt.Figure, out: Path) -> Path:
     return out
 
 
-def save_pictures(out_dir: Path, paths: Sequence[Path], clusters: np.ndarray, confidence: np.ndarray,
+def save_pictures(out_dir: Path, paths: Sequence[Path] | None, clusters: np.ndarray, confidence: np.ndarray,
                   features: np.ndarray, labels: np.ndarray | None = None,
                   class_names: Sequence[str] = (), metrics_csv: Path | None = None) -> list[Path]:
-    """Every picture that applies: grid, confusion (with labels), embedding, curves (with a log)."""
-    written = [cluster_grid(paths, clusters, confidence, out_dir / "cluster_grid.png")]
+    """Every picture that applies: grid (with image paths), confusion (with labels), embedding,
+    curves (with a log)."""
+    written = [cluster_grid(paths, clusters, confidence, out_dir / "cluster_grid.png")] if paths else []
     has_labels = labels is not None and bool((labels >= 0).any())
     if has_labels:
         written.append(hungarian_confusion(clusters, labels, class_names, out_dir / "confusion.png"))

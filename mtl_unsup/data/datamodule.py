@@ -7,17 +7,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from mtl_unsup.data.cache import decode_images, use_memory_cache
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.digits import write_digits_folder
 from mtl_unsup.data.embeddings import EmbeddingCache, EmbeddingDataset
 from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
-from mtl_unsup.data.resumable import ResumableDataLoader, ResumableSampler
+from mtl_unsup.data.loaders import SplitDataModule, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +41,7 @@ class GreyAsRGB(nn.Module):
         return self.augment(x.expand(-1, 3, -1, -1)).mean(dim=1, keepdim=True)
 
 
-def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
-    """Cut ``range(n)`` into len(fractions)+1 random parts; the first takes what is left."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    sizes = [int(round(f * n)) for f in fractions]
-    parts, start = [], n - sum(sizes)
-    parts.append(sorted(order[:start]))
-    for size in sizes:
-        parts.append(sorted(order[start : start + size]))
-        start += size
-    return parts
-
-
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Reads train/val/test images from folders; labels, when present, are for evaluation only.
 
     Splits come from ``val_root``/``test_root`` when given, from ``train``/``val``/``test``
@@ -175,18 +161,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         log.info("Images: %s", {k: len(v) for k, v in self.splits.items()})
 
     @property
-    def num_train(self) -> int:
-        return len(self.splits["train"])
-
-    @property
-    def has_labels(self) -> bool:
-        return self.splits["train"].has_labels
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.splits["train"].classes)
-
-    @property
     def fingerprint(self) -> str:
         """Digest of the training image list, which pseudo-labels are indexed by."""
         return self.split_fingerprint("train")
@@ -200,10 +174,6 @@ class ImageFolderDataModule(L.LightningDataModule):
     def describe(self) -> str:
         """Where the training images come from, for messages."""
         return str(Path(self.root).expanduser())
-
-    def train_labels(self) -> torch.Tensor:
-        """Ground truth of the training set, for logging clustering quality only."""
-        return torch.tensor(self.splits["train"].labels, dtype=torch.long)
 
     def use_embeddings(self, cache: EmbeddingCache) -> None:
         """Serve a frozen backbone's cached features instead of images (see
@@ -233,11 +203,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         return use_memory_cache(self.cache, total, self.channels, self.image_size,
                                 self.cache_max_gb / per_node)
 
-    def _workers(self, dataset: ImageDataset | EmbeddingDataset) -> int:
-        """Loader processes: none for a decoded split or cached features (a slice and a cast
-        need no worker, and workers started by spawn would copy the whole array)."""
-        return 0 if getattr(dataset, "decoded", True) is not None else self.num_workers
-
     def _dataset(self, split: str) -> ImageDataset | EmbeddingDataset:
         """The split's dataset, built (and, when cached, decoded or embedded) on first use:
         every loader, refresh pass and neighbour fetch of a run reads the same one."""
@@ -258,46 +223,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         images = self.splits[split]
         decoded = decode_images(images, self.channels, self.image_size) if self.caches_in_memory else None
         return ImageDataset(images, self.channels, self.image_size, self.invert, decoded=decoded)
-
-    def _eval_loader(self, dataset: ImageDataset | EmbeddingDataset, sampler: Any = None) -> DataLoader:
-        workers = self._workers(dataset)
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
-            num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by (seed, epoch) and sharded across ranks; resumable mid-epoch."""
-        dataset = self._dataset("train")
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        drop_last = self.drop_last and len(dataset) > self.batch_size * world
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                   seed=self.split_seed if self.shuffle_seed is None
-                                   else self.shuffle_seed,
-                                   drop_last=drop_last)
-        workers = self._workers(dataset)
-        return ResumableDataLoader(
-            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
-            num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(sampler.seed),
-        )
-
-    def eval_splits(self) -> list[str]:
-        """Splits evaluated after training: held-out test and validation (if any), then train."""
-        return [s for s in ("test", "val", "train") if s in self.splits]
-
-    def val_dataloader(self) -> list[DataLoader] | DataLoader:
-        if "val" not in self.splits:
-            return []
-        return self._eval_loader(self._dataset("val"))
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return [self._eval_loader(self._dataset(s)) for s in self.eval_splits()]
-
-    def cluster_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
-        """Plain (no augmentation) pass over the training set, sharded across ranks."""
-        dataset = self._dataset("train")
-        sampler = None
-        if world_size > 1:
-            sampler = DistributedSampler(dataset, world_size, rank, shuffle=False)
-        return self._eval_loader(dataset, sampler=sampler)
