@@ -146,8 +146,10 @@ def test_labels_in_the_file_change_the_scores_only(tmp_path):
         np.savez(tmp_path / f"{name}.npz", embeddings=x, labels=labels)
         out = tmp_path / name
         train(compose_cfg(out, run_overrides(tmp_path / f"{name}.npz", "trainer.max_epochs=4",
-                                             "pictures=false")))
+                                             "pictures=false", "cluster.every_n_epochs=1")))
         log = list(csv.DictReader((out / "csv" / "metrics.csv").read_text().splitlines()))
+        # fixed features: clustered once, at the start, not at every epoch asked for
+        assert [r["epoch"] for r in log if r.get("cluster/size_min")] == ["0"]
         losses.append([r["train/loss"] for r in log if r.get("train/loss")])
         losses.append(json.loads((out / "metrics.json").read_text())["test/acc"])
     assert losses[0] == losses[2] and len(losses[0]) == 4  # the same training, step for step
@@ -194,3 +196,13 @@ def test_the_fingerprint_follows_the_training_rows(tmp_path):
     assert fingerprint("a.npz") == fingerprint("b.npz")  # the same rows, wherever they are
     assert fingerprint("a.npz") != fingerprint("c.npz")
     assert fingerprint("a.npz") != fingerprint("a.npz", seed=1)  # another split: other rows
+
+
+def test_data_embeddings_brings_the_recipe_for_rows_and_the_command_line_wins(tmp_path):
+    cfg = compose_cfg(tmp_path, ["data=embeddings", "data.path=e.npz"])
+    assert cfg.backbone._target_.endswith("FeatureInput") and list(cfg.task) == ["cluster", "scan"]
+    assert (cfg.warmup_epochs, cfg.task.scan.start_epoch, cfg.task.cluster.start_epoch) == (0, 0, 0)
+    cfg = compose_cfg(tmp_path, ["data=embeddings", "data.path=e.npz", "cluster.every_n_epochs=3",
+                                 "task=[cluster,overcluster]", "warmup_epochs=2"])
+    assert (cfg.cluster.every_n_epochs, list(cfg.task), cfg.task.overcluster.start_epoch) == (
+        3, ["cluster", "overcluster"], 2)

@@ -40,7 +40,9 @@ class PseudoLabelCallback(L.Callback):
     """Refresh the dataset-level targets of the tasks that read them, from one feature pass.
 
     A task's first refresh happens at the epoch it starts, then every ``every_n_epochs`` epochs
-    while it trains; no feature pass runs while no task is due. Each refresh also clusters the
+    while it trains; no feature pass runs while no task is due. Fixed features (a frozen backbone,
+    or ``data=embeddings``) give the same targets every time: a task's targets are then made once,
+    when it starts, and its head keeps training on them. Each refresh also clusters the
     features with k-means at ``cluster.k`` (the module's :class:`ClusterState`, which evaluation
     and prediction assign new images with). At the end of training the final features are
     clustered once more, and each task may replace a head that is no answer (see
@@ -118,18 +120,19 @@ class PseudoLabelCallback(L.Callback):
         """The tasks whose targets are refreshed at the start of ``epoch``. With ``cluster.k=auto``
         a refresh may change k, so every active task with targets is refreshed with the due ones
         (they all speak of the same k)."""
-        due = [name for name, task in module.tasks.items() if self.task_due(task, epoch)]
+        fixed = not any(p.requires_grad for p in module.backbone.parameters())
+        due = [name for name, task in module.tasks.items() if self.task_due(task, epoch, fixed)]
         if self.auto and due:
             return [name for name, task in module.tasks.items() if task.refreshes and task.active(epoch)]
         return due
 
-    def task_due(self, task: Any, epoch: int) -> bool:
+    def task_due(self, task: Any, epoch: int, fixed: bool = False) -> bool:
         if not task.refreshes or not task.active(epoch):
             return False  # nobody reads this task's targets this epoch
         last = task.refreshed_epoch
         if last is None or last < task.start_epoch:
             return True  # the task starts (or restarts from a checkpoint without targets)
-        return last != epoch and (epoch - task.start_epoch) % self.every_n_epochs == 0
+        return not fixed and last != epoch and (epoch - task.start_epoch) % self.every_n_epochs == 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         names = self.due(module, trainer.current_epoch)

@@ -71,8 +71,8 @@ class EmbeddingFileDataModule(SplitDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
-        batch_size: int = 256,
-        eval_batch_size: int = 1024,
+        batch_size: int = 1024,
+        eval_batch_size: int = 4096,
         drop_last: bool = True,
     ) -> None:
         super().__init__()

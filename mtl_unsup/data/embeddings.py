@@ -69,6 +69,17 @@ class EmbeddingDataset(Dataset):
         return {"index": index, "label": self.labels[index],
                 "image": torch.from_numpy(np.asarray(self.features[index], dtype=np.float32))}
 
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """A whole batch in one slice (the loader calls this instead of one item at a time)."""
+        index = torch.tensor(indices, dtype=torch.long)
+        return {"index": index, "label": torch.tensor([self.labels[i] for i in indices], dtype=torch.long),
+                "image": self.rows(index)}
+
+    @staticmethod
+    def collate(batch: dict[str, Any]) -> dict[str, Any]:
+        """The loader's ``collate_fn``: :meth:`__getitems__` gives the batch already made."""
+        return batch
+
 
 class EmbeddingCache:
     """Where a run's cached features live and how they are made.

@@ -76,6 +76,7 @@ class SplitDataModule(L.LightningDataModule):
         return DataLoader(
             dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
             num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
+            collate_fn=getattr(dataset, "collate", None),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -91,6 +92,7 @@ class SplitDataModule(L.LightningDataModule):
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(sampler.seed),
+            collate_fn=getattr(dataset, "collate", None),
         )
 
     def val_dataloader(self) -> list[DataLoader] | DataLoader:
