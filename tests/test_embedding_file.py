@@ -202,7 +202,10 @@ def test_data_embeddings_brings_the_recipe_for_rows_and_the_command_line_wins(tm
     cfg = compose_cfg(tmp_path, ["data=embeddings", "data.path=e.npz"])
     assert cfg.backbone._target_.endswith("FeatureInput") and list(cfg.task) == ["cluster", "scan"]
     assert (cfg.warmup_epochs, cfg.task.scan.start_epoch, cfg.task.cluster.start_epoch) == (0, 0, 0)
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size) == (20, 1024)
     cfg = compose_cfg(tmp_path, ["data=embeddings", "data.path=e.npz", "cluster.every_n_epochs=3",
-                                 "task=[cluster,overcluster]", "warmup_epochs=2"])
+                                 "task=[cluster,overcluster]", "warmup_epochs=2", "trainer=gpu",
+                                 "trainer.max_epochs=7"])
     assert (cfg.cluster.every_n_epochs, list(cfg.task), cfg.task.overcluster.start_epoch) == (
         3, ["cluster", "overcluster"], 2)
+    assert (cfg.trainer.accelerator, cfg.trainer.max_epochs) == ("gpu", 7)
