@@ -90,6 +90,17 @@ class EmbeddingDataConfig:
 
 
 @dataclass
+class TrainingOnly:
+    """Keys ``data=embeddings`` sets for training (``backbone=features``, its tasks, ...), which
+    ``mtl-predict`` and ``mtl-evaluate`` accept and leave alone: the checkpoint holds the model."""
+
+    backbone: Any = None
+    task: Any = None
+    trainer: Any = None
+    warmup_epochs: Any = None
+
+
+@dataclass
 class ClusterConfig:
     k: Any = 10  # a number of clusters, or "auto": chosen in k_range by k_criterion
     k_range: list[int] = field(default_factory=lambda: [2, 20])

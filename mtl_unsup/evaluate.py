@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,19 +27,21 @@ from omegaconf import MISSING, DictConfig
 
 from mtl_unsup.baselines import BASELINES, check_baselines, comparison_table, run_baseline, score_labels
 from mtl_unsup.cli import hydra_command
-from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig, register_configs
+from mtl_unsup.config import ConfigValueError, PathsConfig, TrainingOnly, register_configs
 from mtl_unsup.data.images import DataError
-from mtl_unsup.inference import model_from_checkpoint, predict_images
+from mtl_unsup.embedding_outputs import viewable
+from mtl_unsup.inference import model_from_checkpoint
 from mtl_unsup.metrics import score_clustering
-from mtl_unsup.predict import pick_device, read_images, refuse_to_overwrite
+from mtl_unsup.model_inputs import Inputs, run_model
+from mtl_unsup.predict import refuse_to_overwrite
 from mtl_unsup.visualize import save_pictures
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(TrainingOnly):
     ckpt: str = MISSING
-    # As for predict; evaluation needs labels, so the class subfolders are demanded by default.
-    data: DataConfig = field(default_factory=lambda: DataConfig(labels="subfolders"))
+    # As for predict; evaluation needs labels (conf/evaluate.yaml asks for class subfolders).
+    data: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     out_dir: str = "${hydra:runtime.output_dir}"
     knn_k: int = 20
@@ -124,13 +127,16 @@ def evaluate(cfg: DictConfig) -> dict:
     if not cfg.overwrite:
         refuse_to_overwrite([out_dir / "evaluation.json", out_dir / "clusters.csv"])
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
-    images = read_images(cfg.data, "evaluation")
-    if not images.has_labels:
-        raise DataError(f"{cfg.data.root} has no class subfolders: evaluation needs labels. "
-                        "Sort the images into <data.root>/<class>/ folders.")
+
+    def labelled(inputs: Inputs) -> None:  # checked before the model runs
+        if not inputs.has_labels:
+            raise DataError(f"{inputs.source} has no labels: evaluation needs them. " + (
+                "Sort the images into <data.root>/<class>/ folders." if "root" in cfg.data else
+                "Add a labels array or column to the file, or paths <folder>/<class>/<file>."))
+
     start = time.perf_counter()
-    preds = predict_images(module, train_cfg, images, cfg.data.eval_batch_size, cfg.data.num_workers,
-                           progress=cfg.progress, device=pick_device(cfg.device))
+    images, preds = run_model(module, train_cfg, cfg.data, cfg.ckpt, "evaluation", cfg.device,
+                              cfg.progress, check=labelled)
     seconds = time.perf_counter() - start
     labels = np.asarray(images.labels)
     k = module.k
@@ -154,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict:
         writer.writeheader()
         writer.writerows(table)
     if cfg.pictures:
-        save_pictures(out_dir, images.paths, preds.clusters, preds.confidence, preds.features,
+        save_pictures(out_dir, viewable(images.paths), preds.clusters, preds.confidence, preds.features,
                       labels, images.classes)
     print(summary)
     print("| cluster | size | majority class | purity |\n|---|---|---|---|")

@@ -19,18 +19,17 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from mtl_unsup.cli import hydra_command
-from mtl_unsup.config import ConfigValueError, DataConfig, PathsConfig, register_configs
-from mtl_unsup.data.datamodule import ImageFolderDataModule
-from mtl_unsup.data.images import ImageList, drop_bad_images, scan_folder
+from mtl_unsup.config import ConfigValueError, PathsConfig, TrainingOnly, register_configs
 from mtl_unsup.errors import UserError
-from mtl_unsup.inference import Predictions, model_from_checkpoint, predict_images
+from mtl_unsup.inference import Predictions, model_from_checkpoint
+from mtl_unsup.model_inputs import Inputs, run_model
 
 log = logging.getLogger(__name__)
 SORT_MODES = ("none", "copy", "symlink")
@@ -41,11 +40,12 @@ class OutputExistsError(UserError, FileExistsError):
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(TrainingOnly):
     ckpt: str = MISSING
-    # The training schema's data group; only root, builtin, labels, eval_batch_size, num_workers
-    # and on_bad_image are read (image size, channels and normalisation are the checkpoint's).
-    data: DataConfig = field(default_factory=DataConfig)
+    # The training schema's data group (images: root, builtin, labels, eval_batch_size, num_workers
+    # and on_bad_image are read; image size, channels and normalisation are the checkpoint's), or
+    # data=embeddings for a model trained on rows.
+    data: Any = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     out_dir: str = "${hydra:runtime.output_dir}"
     save_embeddings: bool = False
@@ -57,19 +57,6 @@ class PredictConfig:
 
 register_configs()  # the data options' schemas
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
-
-
-def read_images(data: DictConfig, purpose: str) -> ImageList:
-    """The images the ``data`` group names (a built-in set is written first), bad files dropped."""
-    ImageFolderDataModule(root=data.root, builtin=data.builtin).prepare_data()
-    images = scan_folder(data.root, labels=data.labels)
-    return drop_bad_images(images, data.on_bad_image, purpose)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def output_paths(out_dir: Path, save_embeddings: bool, sort: str) -> list[Path]:
@@ -95,17 +82,21 @@ def sorted_name(path: Path, root: Path) -> str:
     return "__".join(path.relative_to(root).parts)
 
 
-def write_outputs(out_dir: Path, root: Path, paths: list[Path], preds: Predictions,
+def write_outputs(out_dir: Path, root: Path, paths: list[Path] | None, preds: Predictions,
                   save_embeddings: bool, sort: str) -> None:
+    """``predictions.csv`` (a ``path`` column, or ``row`` for rows of a file without paths), and
+    what ``save_embeddings`` and ``sort`` ask for."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = [str(p) for p in paths] if paths is not None else [str(i) for i in range(len(preds.clusters))]
     with open(out_dir / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "cluster", "confidence", "distance"])
-        for p, c, conf, d in zip(paths, preds.clusters, preds.confidence, preds.distance, strict=True):
-            writer.writerow([str(p), int(c), f"{conf:.6f}", f"{d:.6f}"])
+        writer.writerow(["path" if paths is not None else "row", "cluster", "confidence", "distance"])
+        for p, c, conf, d in zip(names, preds.clusters, preds.confidence, preds.distance, strict=True):
+            writer.writerow([p, int(c), f"{conf:.6f}", f"{d:.6f}"])
     if save_embeddings:
         np.save(out_dir / "embeddings.npy", preds.features)
-        (out_dir / "embedding_paths.txt").write_text("".join(f"{p}\n" for p in paths))
+        if paths is not None:
+            (out_dir / "embedding_paths.txt").write_text("".join(f"{p}\n" for p in paths))
     if sort != "none":
         clusters_dir = out_dir / "clusters"
         if clusters_dir.exists():  # only reached with overwrite=true
@@ -122,16 +113,25 @@ def write_outputs(out_dir: Path, root: Path, paths: list[Path], preds: Predictio
 def predict(cfg: DictConfig) -> Path:
     if cfg.sort not in SORT_MODES:
         raise ConfigValueError(f"sort={cfg.sort!r} is not one of {', '.join(SORT_MODES)}.")
-    out_dir, root = Path(cfg.out_dir), Path(cfg.data.root).expanduser()
+    out_dir = Path(cfg.out_dir)
     if not cfg.overwrite:
         refuse_to_overwrite(output_paths(out_dir, cfg.save_embeddings, cfg.sort))
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
-    images = read_images(cfg.data, "predict")
-    preds = predict_images(module, train_cfg, images, cfg.data.eval_batch_size, cfg.data.num_workers,
-                           progress=cfg.progress, device=pick_device(cfg.device))
-    write_outputs(out_dir, root, list(images.paths), preds, cfg.save_embeddings, cfg.sort)
+
+    def sortable(inputs: Inputs) -> None:  # checked before the model runs
+        if cfg.sort != "none" and inputs.paths is None:
+            raise ConfigValueError(f"sort={cfg.sort} files images into clusters/, but {inputs.source} has "
+                                   "no paths: add them (data.paths_file, or a paths column), or sort=none.")
+
+    inputs, preds = run_model(module, train_cfg, cfg.data, cfg.ckpt, "predict", cfg.device, cfg.progress,
+                              check=sortable)
+    root = (Path(cfg.data.root).expanduser() if "root" in cfg.data else
+            Path(os.path.commonpath([str(p.parent) for p in inputs.paths])) if inputs.paths else out_dir)
+    write_outputs(out_dir, root, None if inputs.paths is None else list(inputs.paths), preds,
+                  cfg.save_embeddings, cfg.sort)
     sizes = np.bincount(preds.clusters, minlength=module.k)
-    print(f"{len(images)} images -> {int((sizes > 0).sum())} clusters; sizes: {sizes.tolist()}")
+    what = "images" if "root" in cfg.data else "rows"
+    print(f"{len(inputs)} {what} -> {int((sizes > 0).sum())} clusters; sizes: {sizes.tolist()}")
     print(f"predictions: {out_dir / 'predictions.csv'}")
     return out_dir / "predictions.csv"
 

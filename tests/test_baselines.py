@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mtl_unsup import baselines
 from mtl_unsup.baselines import BASELINES, run_baseline, score_labels
-from mtl_unsup.config import ConfigValueError
+from mtl_unsup.config import ConfigValueError, DataConfig
 from mtl_unsup.evaluate import EvaluateConfig, evaluate
 from mtl_unsup.train import train
 
@@ -72,6 +72,7 @@ def test_baselines_never_read_labels(name):
 
 def test_unknown_baseline_is_named_before_any_compute(tmp_path):
     cfg = OmegaConf.structured(EvaluateConfig)
+    cfg.data = OmegaConf.structured(DataConfig)  # what data=folder brings
     cfg.ckpt, cfg.data.root = str(tmp_path / "missing.ckpt"), str(tmp_path)  # never read
     cfg.out_dir, cfg.baselines = str(tmp_path / "ev"), ["kmeans", "dbscan"]
     with pytest.raises(ConfigValueError, match=r"baselines: 'dbscan' is not a baseline.*kmeans, "
@@ -91,6 +92,7 @@ def trained(tmp_path_factory) -> Path:
 
 def evaluate_cfg(ckpt: Path, root: Path, out: Path, **kw) -> OmegaConf:
     cfg = OmegaConf.structured(EvaluateConfig)
+    cfg.data = OmegaConf.structured(DataConfig)
     cfg.ckpt, cfg.data.root, cfg.out_dir = str(ckpt), str(root), str(out)
     cfg.progress, cfg.pictures = False, False
     for key, value in kw.items():

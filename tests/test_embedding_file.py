@@ -9,13 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from mtl_unsup.config import ConfigValueError
+from mtl_unsup.config import CONF_DIR, ConfigValueError
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.embedding_file import read_embeddings
 from mtl_unsup.data.images import DataError
+from mtl_unsup.evaluate import evaluate
 from mtl_unsup.inference import CheckpointError, model_from_checkpoint, predict_images
+from mtl_unsup.predict import predict
 from mtl_unsup.train import build_run, train
 from tests.conftest import compose_cfg
 
@@ -209,3 +212,33 @@ def test_data_embeddings_brings_the_recipe_for_rows_and_the_command_line_wins(tm
     assert (cfg.cluster.every_n_epochs, list(cfg.task), cfg.task.overcluster.start_epoch) == (
         3, ["cluster", "overcluster"], 2)
     assert (cfg.trainer.accelerator, cfg.trainer.max_epochs) == ("gpu", 7)
+
+
+def compose_command(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def test_predict_and_evaluate_run_a_rows_model_on_new_rows_and_refuse_what_does_not_fit(tmp_path):
+    x, y = blobs(n=250)
+    np.savez(tmp_path / "train.npz", embeddings=x[:200], labels=y[:200])
+    out = tmp_path / "run"
+    train(compose_cfg(out, run_overrides(tmp_path / "train.npz", "pictures=false")))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    np.savez(tmp_path / "new.npz", embeddings=x[200:], labels=y[200:])  # new rows of the same blobs
+    common = [f"ckpt={ckpt}", "data=embeddings", f"data.path={tmp_path / 'new.npz'}", "progress=false"]
+    written = predict(compose_command("predict", [*common, f"out_dir={tmp_path / 'p'}"]))
+    rows = list(csv.DictReader(written.read_text().splitlines()))
+    assert [int(r["row"]) for r in rows] == list(range(50))
+    result = evaluate(compose_command("evaluate", [*common, f"out_dir={tmp_path / 'e'}", "pictures=false"]))
+    assert result["eval/images"] == 50 and result["eval/acc"] >= 0.9
+    np.savez(tmp_path / "wide.npz", embeddings=np.zeros((5, 13), np.float32))
+    with pytest.raises(DataError, match="rows of 13 features; the model .* trained on rows of 12"):
+        wide = [f"ckpt={ckpt}", "data=embeddings", f"data.path={tmp_path / 'wide.npz'}"]
+        predict(compose_command("predict", [*wide, f"out_dir={tmp_path / 'w'}"]))
+    with pytest.raises(ConfigValueError, match="sort=copy .* has no paths"):
+        predict(compose_command("predict", [*common, "sort=copy", f"out_dir={tmp_path / 's'}"]))
+    with pytest.raises(CheckpointError, match="clusters rows of embeddings.*data=embeddings"):
+        predict(compose_command("predict", [f"ckpt={ckpt}", f"data.root={tmp_path}",
+                                            f"out_dir={tmp_path / 'i'}"]))
+    assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()

@@ -68,5 +68,5 @@ def test_the_wheel_installs_a_package_that_composes_its_configs(tmp_path):
     assert Path(module_file).is_relative_to(site) and Path(conf_dir) == site / "mtl_unsup" / "conf"
     assert "max_epochs: 80" in out["train"] and "_target_: mtl_unsup.tasks.ClusterTask" in out["train"]
     assert "ckpt: a.ckpt" in out["predict"] and "root: images" in out["predict"]
-    assert "labels: subfolders" in out["evaluate"] and "root: images" in out["evaluate"]
+    assert "ckpt: a.ckpt" in out["evaluate"] and "root: images" in out["evaluate"]
     assert "sweep_dir" in out["report"]

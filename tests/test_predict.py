@@ -10,6 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mtl_unsup.config import DataConfig
+from mtl_unsup.data.images import DataError
 from mtl_unsup.errors import UserError
 from mtl_unsup.evaluate import EvaluateConfig, evaluate, knn_accuracy
 from mtl_unsup.inference import CheckpointError, model_from_checkpoint
@@ -28,6 +30,7 @@ def trained(tmp_path_factory) -> Path:
 
 def predict_cfg(**kw) -> OmegaConf:
     cfg = OmegaConf.structured(PredictConfig)
+    cfg.data = OmegaConf.structured(DataConfig)  # what data=folder brings
     cfg.progress = False
     for key, value in kw.items():
         OmegaConf.update(cfg, key, value)
@@ -94,6 +97,7 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_evaluate_reports_scores_cluster_table_and_pictures(trained, tmp_path):
     folder = write_shapes(tmp_path / "labelled", per_class=10, seed=7)
     cfg = OmegaConf.structured(EvaluateConfig)
+    cfg.data = OmegaConf.structured(DataConfig)
     cfg.ckpt, cfg.data.root, cfg.out_dir = str(trained), str(folder), str(tmp_path / "ev")
     cfg.progress = False
     result = evaluate(cfg)
@@ -122,11 +126,15 @@ def test_predict_and_evaluate_take_the_data_group_as_training_does(trained, tmp_
                                     "data.eval_batch_size=5"], tmp_path / "out")
     plain = compose_command(name, [f"ckpt={trained}", f"data.root={folder}"], tmp_path / "out")
     assert chosen.data.root == plain.data.root == str(folder) and chosen.data.eval_batch_size == 5
-    assert chosen.data.labels == ("subfolders" if name == "evaluate" else "auto")
+    assert chosen.data.labels == "auto"
     if name == "predict":
         assert len(predict(chosen).read_text().splitlines()) == 1 + 12
     else:
         assert evaluate(chosen)["eval/images"] == 12
+        flat = write_shapes(tmp_path / "flat", per_class=4, seed=3, labelled=False)
+        unlabelled = compose_command(name, [f"ckpt={trained}", f"data.root={flat}"], tmp_path / "out2")
+        with pytest.raises(DataError, match="has no labels: evaluation needs them.*<class>/ folders"):
+            evaluate(unlabelled)
 
 
 def test_predict_on_the_builtin_digits(trained, tmp_path, monkeypatch):
