@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from mtl_unsup.errors import UserError
 
@@ -213,6 +213,11 @@ class ConfigValueError(UserError, ValueError):
 def check_config(cfg: Any) -> None:
     """Range checks the schema's types cannot express; run before any data is read."""
     problems = []
+    if OmegaConf.get_type(cfg.data) not in (DataConfig, EmbeddingDataConfig):
+        raise ConfigValueError(
+            "The data option has no schema, so its defaults and key checks are missing: start its "
+            "YAML with `defaults: [/schema/data/images@_here_, _self_]` (images) or "
+            "`[/schema/data/embeddings@_here_, _self_]` (an embedding file), as conf/data/*.yaml do.")
     problems += k_problems(cfg.cluster)
     if cfg.warmup_epochs < 0:
         problems.append(f"warmup_epochs={cfg.warmup_epochs}: must be >= 0.")

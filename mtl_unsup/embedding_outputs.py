@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
-from mtl_unsup.data.images import DataError, load_image
+from mtl_unsup.data.images import load_image
 from mtl_unsup.inference import Predictions, predict_loader
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.visualize import save_pictures
@@ -30,7 +30,7 @@ def viewable(paths: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
     try:
         for path in {paths[0], paths[-1]}:
             load_image(path, 3)
-    except (DataError, OSError) as err:
+    except Exception as err:  # not found, not an image, a decompression bomb, ...
         log.warning("No cluster grid: the rows' paths are not images that can be read here (%s).", err)
         return None
     return paths

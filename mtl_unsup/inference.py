@@ -20,6 +20,7 @@ from mtl_unsup.config import max_clusters
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.images import ImageList
 from mtl_unsup.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
+from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule
 
 
@@ -93,7 +94,7 @@ def predict_images(
     num_workers: int = 0, progress: bool = True, device: str | torch.device = "cpu",
 ) -> Predictions:
     """Stream ``images`` through the model in batches (see :func:`predict_loader`)."""
-    if "image_size" not in cfg.data:
+    if (cfg.get("backbone") or {}).get("_target_") == FEATURES_TARGET:
         raise CheckpointError("This model clusters rows of embeddings (it was trained with "
                               "data=embeddings), not images: give it embeddings, data=embeddings "
                               "data.path=<file>.")

@@ -22,9 +22,8 @@ from mtl_unsup.data.embeddings import EmbeddingDataset
 from mtl_unsup.data.images import DataError, drop_bad_images, scan_folder
 from mtl_unsup.errors import CheckpointError
 from mtl_unsup.inference import Predictions, predict_images, predict_loader
+from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule
-
-FEATURES_TARGET = "mtl_unsup.models.feature_input.FeatureInput"
 
 
 @dataclass(frozen=True)

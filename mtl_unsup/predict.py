@@ -96,7 +96,8 @@ def write_outputs(out_dir: Path, root: Path, paths: list[Path] | None, preds: Pr
     if save_embeddings:
         np.save(out_dir / "embeddings.npy", preds.features)
         if paths is not None:
-            (out_dir / "embedding_paths.txt").write_text("".join(f"{p}\n" for p in paths))
+            # absolute: data=embeddings data.paths_file=... reads them from anywhere
+            (out_dir / "embedding_paths.txt").write_text("".join(f"{Path(p).resolve()}\n" for p in paths))
     if sort != "none":
         clusters_dir = out_dir / "clusters"
         if clusters_dir.exists():  # only reached with overwrite=true

@@ -34,6 +34,7 @@ from mtl_unsup.inference import load_checkpoint, predict_images
 from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.backbones import expected_input
 from mtl_unsup.models.evaluation import split_metric_names
+from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule, NonFiniteLossError
 from mtl_unsup.resume import resolve_start
 from mtl_unsup.runinfo import run_info
@@ -42,7 +43,6 @@ from mtl_unsup.visualize import k_selection, save_pictures
 
 log = logging.getLogger(__name__)
 register_configs()
-FEATURES_TARGET = "mtl_unsup.models.feature_input.FeatureInput"
 
 
 def build_tasks(cfg: DictConfig) -> dict[str, Any]:

@@ -27,7 +27,10 @@ def cluster_grid(paths: Sequence[Path], clusters: np.ndarray, confidence: np.nda
         members = np.flatnonzero(clusters == c)
         best = members[np.argsort(-confidence[members])][:per_cluster]
         for j, i in enumerate(best):
-            img = load_image(paths[i], 3).resize((thumb, thumb), Image.Resampling.NEAREST)
+            try:
+                img = load_image(paths[i], 3).resize((thumb, thumb), Image.Resampling.NEAREST)
+            except Exception:  # a file gone or unreadable since: an empty cell, not a lost run
+                continue
             canvas.paste(img, (j * cell + 2, c * cell + 2))
         fig_labels.append(f"{c} (n={len(members)})")
     fig, ax = plt.subplots(figsize=(canvas.width / 60 + 1.2, canvas.height / 60 + 0.5), dpi=60)

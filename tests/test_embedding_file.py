@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from mtl_unsup.config import CONF_DIR, ConfigValueError
+from mtl_unsup.config import CONF_DIR, ConfigValueError, check_config
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.embedding_file import read_embeddings
 from mtl_unsup.data.images import DataError
@@ -57,6 +57,18 @@ def test_each_format_gives_the_same_rows_paths_and_labels(tmp_path):
         assert table.paths == tuple(tmp_path / p for p in paths)  # relative to the file's folder
         assert table.classes == ("cat", "dog", "owl") and list(table.labels) == y.tolist()
     assert read_embeddings(str(tmp_path / "a.npz"), labels="none").classes == ()
+    # a numeric column beside the dimensions (a label kept as a float) never joins the features
+    pq.write_table(pa.table({f"d{j}": x[:, j] for j in range(4)} | {"category": y.astype(float)}),
+                   tmp_path / "e.parquet")
+    table = read_embeddings(str(tmp_path / "e.parquet"))
+    assert table.features.shape == (8, 1, 4) and np.allclose(table.features[:, 0], x)
+    # np.savez(path, x) names the array arr_0; missing labels (NaN, -1) are left out of the scores
+    partial = np.where(np.arange(8) % 4 == 0, np.nan, y.astype(float))
+    np.savez(tmp_path / "f.npz", x, labels=partial)
+    table = read_embeddings(str(tmp_path / "f.npz"))
+    known = sorted({int(v) for i, v in enumerate(y) if i % 4})
+    assert table.features.shape == (8, 1, 4) and table.classes == tuple(map(str, known))  # not '0.0'
+    assert [v for i, v in enumerate(table.labels) if i % 4 == 0] == [-1, -1]
     no_paths = read_embeddings(str(tmp_path / "b.npy"))
     assert no_paths.paths is None and set(no_paths.labels) == {-1}
     elsewhere = read_embeddings(str(tmp_path / "a.npz"), image_root="/data")
@@ -66,7 +78,9 @@ def test_each_format_gives_the_same_rows_paths_and_labels(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("nan", r"row 5 of the embeddings holds NaN"),
     ("key", r"data.key='feats' is not in .*it has: embeddings, labels"),
-    ("no_embeddings", r"has no embeddings \(it has: vectors\).*data.key=<name>"),
+    ("no_embeddings", r"which embeddings\? It has: vectors, scores.*data.key=<name>"),
+    ("hf_images", r"'image' column .* is not a column of paths \(row 0 is dict\)"),
+    ("fractional", r"fractional labels"),
     ("paths", r"has 3 paths for 10 embeddings"),
     ("labels", r"has 4 labels for 10 rows"),
     ("objects", r"stored as Python objects"),
@@ -85,8 +99,13 @@ def test_a_bad_file_is_refused_with_one_message_naming_it(tmp_path, case, messag
     elif case == "key":
         np.savez(path, embeddings=x, labels=y)
         kwargs["key"] = "feats"
-    elif case == "no_embeddings":
-        np.savez(path, vectors=np.arange(10))
+    elif case == "no_embeddings":  # two candidates: which one is not guessed
+        np.savez(path, vectors=x, scores=x[:, :2])
+    elif case == "hf_images":
+        pq.write_table(pa.table({"embedding": list(x), "image": [{"bytes": b"\x89PNG", "path": None}] * 10}),
+                       path := tmp_path / "e.parquet")
+    elif case == "fractional":
+        np.savez(path, embeddings=x, labels=np.linspace(0, 1, 10))
     elif case == "paths":
         np.save(path := tmp_path / "e.npy", x)
         (tmp_path / "p.txt").write_text("a.png\nb.png\nc.png\n")
@@ -242,3 +261,11 @@ def test_predict_and_evaluate_run_a_rows_model_on_new_rows_and_refuse_what_does_
         predict(compose_command("predict", [f"ckpt={ckpt}", f"data.root={tmp_path}",
                                             f"out_dir={tmp_path / 'i'}"]))
     assert not (tmp_path / "w").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_data_option_without_its_schema_is_named(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.yaml").write_text("root: /somewhere\nbatch_size: 8\n")
+    cfg = compose_cfg(tmp_path, [f"hydra.searchpath=[file://{tmp_path}]", "data=mine"])
+    with pytest.raises(ConfigValueError, match=r"data option has no schema.*/schema/data/images@_here_"):
+        check_config(cfg)

@@ -18,7 +18,9 @@ Labels are for evaluation only.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from mtl_unsup.data.images import DataError
+
+log = logging.getLogger(__name__)
 
 NAMES = {
     "key": ("embeddings", "embedding", "features", "feature", "emb", "x"),
@@ -64,7 +68,9 @@ def _columns_parquet(path: Path) -> dict[str, Any]:
         raise DataError(f"data.path={path}: reading Parquet needs pyarrow. Install it with "
                         "pip install 'mtl-unsup[parquet]' (or pip install pyarrow).") from None
     table = pq.read_table(path)
-    return {name: table.column(name) for name in table.column_names}
+    if table.num_rows == 0:
+        raise DataError(f"data.path={path}: the table has no rows.")
+    return {name: table.column(name).combine_chunks() for name in table.column_names}
 
 
 def _vectors(column: Any, name: str, where: Path) -> np.ndarray:
@@ -100,14 +106,30 @@ def _pick(columns: dict[str, Any], key: str, given: str | None, where: Path) -> 
 
 
 def _features(columns: dict[str, Any], given: str | None, used: set[str], where: Path) -> np.ndarray:
+    """The embeddings: the array or column named (or found by its usual name); else the only
+    numeric array of an .npz, or Parquet columns ``<prefix><number>``, one per dimension."""
     name = _pick(columns, "key", given, where)
     if name is not None:
         return _vectors(columns[name], name, where)
-    numeric = [n for n, c in columns.items() if n not in used and np.issubdtype(_dtype(c), np.floating)]
-    if len(numeric) >= 2:  # one column per dimension
-        return np.stack([_vectors(columns[n], n, where) for n in numeric], axis=1)
-    raise DataError(f"data.path={where} has no embeddings (it has: {', '.join(columns) or 'nothing'}). "
-                    f"Name the array or column with data.key=<name>, or save it as 'embeddings'.")
+    numeric = [n for n, c in columns.items() if n not in used and _dtype(c).kind in "fiu"]
+    if where.suffix.lower() == ".npz":
+        if len(numeric) == 1:  # np.savez(path, x) names it arr_0
+            log.info("Embeddings: the array %r of %s", numeric[0], where)
+            return columns[numeric[0]]
+    else:
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for n in numeric:
+            if (match := re.fullmatch(r"(.*?)(\d+)", n)) and _dtype(columns[n]).kind == "f":
+                groups.setdefault(match.group(1), []).append((int(match.group(2)), n))
+        prefix = max(groups, key=lambda g: len(groups[g]), default=None)
+        if prefix is not None and len(groups[prefix]) >= 2 and sum(len(g) >= 2 for g in groups.values()) == 1:
+            dims = [n for _, n in sorted(groups[prefix])]
+            log.info("Embeddings: columns %s ... %s of %s (%d dimensions)", dims[0], dims[-1], where,
+                     len(dims))
+            return np.stack([_vectors(columns[n], n, where) for n in dims], axis=1)
+    raise DataError(f"data.path={where}: which embeddings? It has: {', '.join(columns) or 'nothing'}. "
+                    "Name the array or column with data.key=<name>, or save it as 'embeddings' "
+                    "(Parquet: a column of vectors, or one column per dimension named <prefix><number>).")
 
 
 def _dtype(column: Any) -> np.dtype:
@@ -124,7 +146,7 @@ def _checked(features: np.ndarray, where: Path) -> np.ndarray:
         raise DataError(f"data.path={where}: the embeddings are {features.dtype}, not numbers.")
     if features.ndim == 2:
         features = features[:, None, :]
-    if features.ndim != 3 or features.shape[0] < 2 or features.shape[2] < 1:
+    if features.ndim != 3 or features.shape[0] < 2 or features.shape[1] < 1 or features.shape[2] < 1:
         raise DataError(f"data.path={where}: the embeddings have shape {features.shape}; expected "
                         "(N, D), or (N, 1 + copies, D), with N >= 2.")
     if features.dtype not in (np.float16, np.float32):
@@ -144,38 +166,64 @@ def _paths(columns: dict[str, Any], given: str | None, paths_file: str | None, n
         source = Path(paths_file).expanduser()
         if not source.is_file():
             raise DataError(f"data.paths_file={paths_file!r} does not exist.")
-        values = [line.rstrip("\n") for line in source.read_text().splitlines() if line.strip()]
+        try:
+            lines = source.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise DataError(f"data.paths_file={paths_file!r} is not UTF-8 text: one path per line.") from None
+        values: list[Any] = [line for line in lines if line.strip()]
         what = f"data.paths_file={paths_file!r}"
     else:
         name = _pick(columns, "paths_key", given, where)
         if name is None:
             return None
         column = columns[name]
-        values = [str(v) for v in (column.tolist() if isinstance(column, np.ndarray) else column.to_pylist())]
+        values = np.ravel(column).tolist() if isinstance(column, np.ndarray) else column.to_pylist()
         what = f"the {name!r} column of {where}"
+        if not all(isinstance(v, str) for v in values):
+            bad = next(i for i, v in enumerate(values) if not isinstance(v, str))
+            raise DataError(f"{what} is not a column of paths (row {bad} is {type(values[bad]).__name__}). "
+                            "Name the paths with data.paths_key, or give data.paths_file.")
     if len(values) != n:
         raise DataError(f"{what} has {len(values)} paths for {n} embeddings: one path per row, in order.")
-    base = Path(image_root).expanduser() if image_root else where.parent
-    return tuple(p if p.is_absolute() else base / p for p in map(Path, values))
+    paths = [Path(v) for v in values]
+    relative = next((p for p in paths if not p.is_absolute()), None)
+    base = where.parent
+    if image_root:
+        base = Path(image_root).expanduser()
+    elif relative is not None and not (base / relative).exists() and relative.exists():
+        base = Path.cwd()  # written relative to where the tool ran (say, data.root=photos)
+    return tuple(p if p.is_absolute() else base / p for p in paths)
 
 
 def _class_indices(values: list[Any], what: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    if any(v is None for v in values):
-        raise DataError(f"{what} has empty labels: give every row a label, or data.labels=none.")
-    if all(isinstance(v, int | np.integer) for v in values):
-        if min(values) < 0:
-            raise DataError(f"{what} has negative labels: use class numbers >= 0, or data.labels=none.")
-        classes = sorted(set(int(v) for v in values))
+    """Class numbers for labels given as integers (whole-number floats too) or names; a missing
+    label (None, NaN, a negative number) is -1: that row is left out of the scores."""
+    def missing(v: Any) -> bool:
+        return v is None or isinstance(v, float) and np.isnan(v) or isinstance(v, int | float) and v < 0
+
+    values = [None if missing(v) else int(v) if isinstance(v, float) and float(v).is_integer() else v
+              for v in values]
+    known = [v for v in values if v is not None]
+    if len(known) < len(values):
+        log.info("%s: %d of %d rows have no label (left out of the scores)", what, len(values) - len(known),
+                 len(values))
+    if any(isinstance(v, float) for v in known):
+        raise DataError(f"{what} holds fractional labels: use class numbers or names, or data.labels=none.")
+    if all(isinstance(v, int) for v in known):
+        classes = sorted(set(known))
         index = {c: i for i, c in enumerate(classes)}
-        return tuple(index[int(v)] for v in values), tuple(str(c) for c in classes)
-    names = sorted(set(map(str, values)))
+        return tuple(-1 if v is None else index[v] for v in values), tuple(str(c) for c in classes)
+    names = sorted(set(map(str, known)))
     index = {c: i for i, c in enumerate(names)}
-    return tuple(index[str(v)] for v in values), tuple(names)
+    return tuple(-1 if v is None else index[str(v)] for v in values), tuple(names)
 
 
 def _subfolder_labels(paths: tuple[Path, ...]) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     """Classes from ``<common folder>/<class>/<file>`` paths (at least two classes), else None."""
-    common = Path(os.path.commonpath([str(p) for p in paths]))
+    try:
+        common = Path(os.path.commonpath([str(p) for p in paths]))
+    except ValueError:  # absolute and relative paths mixed
+        return None
     parts = [p.relative_to(common).parts for p in paths]
     if any(len(q) != 2 for q in parts) or len({q[0] for q in parts}) < 2:
         return None
@@ -212,7 +260,7 @@ def read_embeddings(path: str, key: str | None = None, paths_key: str | None = N
     label_column = _pick(columns, "labels_key", labels_key, where) if labels != "none" else None
     if label_column is not None and labels == "auto":
         column = columns[label_column]
-        values = column.tolist() if isinstance(column, np.ndarray) else column.to_pylist()
+        values = np.ravel(column).tolist() if isinstance(column, np.ndarray) else column.to_pylist()
         if len(values) != n:
             raise DataError(f"The {label_column!r} column of {where} has {len(values)} labels for {n} rows.")
         found, classes = _class_indices(values, f"The {label_column!r} column of {where}")

@@ -12,6 +12,8 @@ import torch
 
 from mtl_unsup.models.backbones import Backbone, ConfigError
 
+FEATURES_TARGET = "mtl_unsup.models.feature_input.FeatureInput"  # backbone._target_ of a rows model
+
 
 class FeatureInput(Backbone):
     """Passes ``(B, D)`` rows through (or the plain slot of ``(B, slots, D)`` rows)."""
