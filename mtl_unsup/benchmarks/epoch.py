@@ -1,7 +1,7 @@
 """Benchmark: where a training epoch's time goes, and the framework against a bare loop.
 
-``python -m mtl_unsup.benchmarks.epoch [train overrides]`` (e.g. ``data=folder
-data.root=<folder>``; the bundled digits by default) measures in one process, on the same data,
+``python -m mtl_unsup.benchmarks.epoch [train overrides]`` (e.g. ``data.root=<folder>``, which
+implies ``data=folder``; the bundled digits by default) measures in one process, on the same data,
 and prints ``name=value`` lines:
 
 - ``setup_seconds``: building the data module (scanning the folder, checking every image, split).
@@ -149,7 +149,10 @@ def measure(overrides: list[str], out: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    overrides = [*DEFAULTS, *(sys.argv[1:] if argv is None else argv)]
+    given = list(sys.argv[1:] if argv is None else argv)
+    if any(o.startswith("data.root=") for o in given) and not any(o.startswith("data=") for o in given):
+        given.insert(0, "data=folder")  # a folder of images, not the digits' cache folder
+    overrides = [*DEFAULTS, *given]
     with tempfile.TemporaryDirectory() as tmp:
         figures = measure(overrides, Path(tmp) / "run")
     print(f"overrides={' '.join(overrides)}")
