@@ -110,6 +110,9 @@ class ClusterConfig:
     nredo: int = 5
     every_n_epochs: int = 5
     warm_start: bool = True
+    # the features a refresh clusters: pass (an eval-mode pass over the training images) or bank
+    # (the training pass's own, kept by dataset index: DeepCluster-v2's memory bank, no extra pass)
+    features: str = "pass"
     assign: str = "sinkhorn"
     marginals: str = "uniform"
     min_size: float = 0.5
@@ -225,6 +228,9 @@ def check_config(cfg: Any) -> None:
         problems.append(f"cluster.every_n_epochs={cfg.cluster.every_n_epochs}: must be >= 1.")
     if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim < 0:
         problems.append(f"cluster.pca_dim={cfg.cluster.pca_dim}: use a positive size, or null for no PCA.")
+    if cfg.cluster.features not in ("pass", "bank"):
+        problems.append(f"cluster.features={cfg.cluster.features!r}: use pass (an eval-mode pass over the "
+                        "training images at each refresh) or bank (the training pass's features).")
     if cfg.cluster.niter < 1 or cfg.cluster.nredo < 1:
         problems.append("cluster.niter and cluster.nredo must be >= 1.")
     problems += cluster_problems(cfg.cluster)

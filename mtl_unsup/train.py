@@ -284,6 +284,7 @@ def build_run(cfg: DictConfig) -> Run:
         cluster_settings={"pca_dim": cfg.cluster.pca_dim, "niter": cfg.cluster.niter,
                           "nredo": cfg.cluster.nredo},
         answer=cfg.cluster.answer, auto_k=cfg.cluster.k == "auto", channels_last=cfg.channels_last,
+        feature_bank=datamodule.num_train if cfg.cluster.features == "bank" else 0,
     )
     check_sizes(module, datamodule.num_train)
     callbacks, checkpoint = build_callbacks(cfg)

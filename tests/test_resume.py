@@ -149,3 +149,24 @@ def test_resume_finds_the_unfinished_run_of_the_same_command(tmp_path):
     new.mkdir()
     assert find_unfinished_run(new, ["cluster.k=5", "resume=true"]) == runs / "a"
     assert find_unfinished_run(new, ["cluster.k=6", "resume=true"]) is None
+
+
+@pytest.mark.slow
+def test_a_run_refreshing_from_its_feature_bank_resumes_exactly(uninterrupted, tmp_path):
+    root, _ = uninterrupted
+    bank = ["cluster.features=bank"]
+    whole = run(tmp_path / "whole", 0, root, *bank)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "from_bank=1" in whole.stdout + whole.stderr  # epochs 1 and 2 refresh from the bank
+    killed = run(tmp_path / "killed", 7, root, *bank)
+    assert killed.returncode == -signal.SIGKILL
+    assert "feature_bank" in torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = run(tmp_path / "killed", 0, root, *bank, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    killed_dir, whole_dir = tmp_path / "killed", tmp_path / "whole"
+    assert (killed_dir / "metrics.json").read_text() == (whole_dir / "metrics.json").read_text()
+    final = torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    reference = torch.load(whole_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in reference["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], value), name
+    assert torch.equal(final["feature_bank"]["features"], reference["feature_bank"]["features"])

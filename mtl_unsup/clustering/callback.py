@@ -36,6 +36,18 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     return out
 
 
+@torch.no_grad()
+def embed_rows(trainer: L.Trainer, module: L.LightningModule, indices: torch.Tensor) -> torch.Tensor:
+    """Features of the training images at ``indices`` (plain, eval mode), as the pass computes
+    them; every rank computes the same rows."""
+    datamodule, out = trainer.datamodule, []
+    with eval_mode(module), trainer.precision_plugin.forward_context():
+        for chunk in indices.split(datamodule.eval_batch_size):
+            images = datamodule.train_images(chunk).to(module.device)
+            out.append(module.features(images).float().cpu())
+    return torch.cat(out)
+
+
 class PseudoLabelCallback(L.Callback):
     """Refresh the dataset-level targets of the tasks that read them, from one feature pass.
 
@@ -85,7 +97,15 @@ class PseudoLabelCallback(L.Callback):
 
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> dict:
         """Refresh the named tasks now; returns statistics of the new k-means."""
-        features = extract_features(trainer, module)
+        features, from_bank = None, False
+        if module.feature_bank is not None:  # cluster.features=bank: no full pass once it fills
+            features, written = module.feature_bank.gather()
+            from_bank = bool(written.float().mean() >= 0.5)
+            if from_bank and not written.all():  # images drop_last has left out so far
+                missing = torch.nonzero(~written).squeeze(1)
+                features[missing] = embed_rows(trainer, module, missing)
+        if not from_bank:
+            features = extract_features(trainer, module)
         payload = None
         if trainer.is_global_zero:
             ctx = self.context(trainer, module, features)
@@ -93,6 +113,8 @@ class PseudoLabelCallback(L.Callback):
             payload = (ctx.kmeans(ctx.k), {n: module.tasks[n].refresh(ctx) for n in names}, scores)
         state, states, scores = trainer.strategy.broadcast(payload, src=0)
         stats = self._stats(trainer, module.cluster_state, state)
+        if module.feature_bank is not None:
+            stats["cluster/from_bank"] = float(from_bank)
         if scores is not None:
             module.k_selection = scores
             stats["cluster/k"] = float(state.k)

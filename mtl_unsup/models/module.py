@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import mtl_unsup
+from mtl_unsup.clustering.bank import FeatureBank
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.errors import CheckpointError, UserError
@@ -44,6 +45,8 @@ class MultiTaskModule(L.LightningModule):
             ``auto`` or a head's name.
         auto_k: ``cluster.k=auto``: ``num_clusters`` is the largest k tried, and the run's k
             (:attr:`k`) is the one the last refresh chose.
+        feature_bank: the training set's size, to keep a :class:`FeatureBank` of the training
+            pass's features (``cluster.features=bank``); 0 for none.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class MultiTaskModule(L.LightningModule):
         answer: str = "auto",
         auto_k: bool = False,
         channels_last: bool = False,
+        feature_bank: int = 0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -97,6 +101,8 @@ class MultiTaskModule(L.LightningModule):
         self.seed = int(seed)
         self.cluster_settings = dict(cluster_settings or {"pca_dim": 32, "niter": 20, "nredo": 5})
         self.recorders = {s: SplitRecorder(backbone.feature_dim) for s in ("val", *self.eval_splits)}
+        # cluster.features=bank: the training pass's features of each image, for refreshes
+        self.feature_bank = FeatureBank(feature_bank, backbone.feature_dim) if feature_bank else None
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
         # its weights are used, its pseudo-labels are not.
         self.ignore_checkpoint_clustering = False
@@ -254,6 +260,9 @@ class MultiTaskModule(L.LightningModule):
             )
         self.log("train/loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs,
                  sync_dist=True)
+        computed = task_batch.computed_features()
+        if self.feature_bank is not None and computed is not None:
+            self.feature_bank.remember(batch["index"], computed, self.global_step)
         return total
 
     def configure_optimizers(self) -> Any:
@@ -343,6 +352,8 @@ class MultiTaskModule(L.LightningModule):
         checkpoint["backbone_weights"] = {"start": getattr(self.backbone, "weights", "random"),
                                           "frozen": bool(getattr(self.backbone, "frozen", False))}
         checkpoint["mtl_version"] = f"mtl-unsup {mtl_unsup.__version__}"
+        if self.feature_bank is not None:
+            checkpoint["feature_bank"] = self.feature_bank.checkpoint_state()
         # The augmentations and random heads draw from the global RNGs: a resumed run must
         # continue their streams exactly where the interrupted one stood.
         checkpoint["rng_states"] = collect_rng_states()
@@ -374,6 +385,8 @@ class MultiTaskModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._adopt_clustering(checkpoint)
+        if self.feature_bank is not None and "feature_bank" in checkpoint:
+            self.feature_bank.load_checkpoint_state(checkpoint["feature_bank"])
         self._rng_to_restore = checkpoint.get("rng_states")
 
     def on_train_start(self) -> None:

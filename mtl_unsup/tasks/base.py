@@ -51,6 +51,10 @@ class TaskBatch:
             self._features[key] = self.backbone(self.views[name][i])
         return self._features[key]
 
+    def computed_features(self) -> torch.Tensor | None:
+        """The features of the first view a task encoded (None if none did), for the bank."""
+        return next(iter(self._features.values()), None)
+
 
 class Task(nn.Module):
     """Base class of a training task.
