@@ -108,11 +108,11 @@ class ClusterConfig:
     pca_dim: int | None = 32
     niter: int = 20
     nredo: int = 5
-    every_n_epochs: int = 5
+    every_n_epochs: int = 1
     warm_start: bool = True
     # the features a refresh clusters: pass (an eval-mode pass over the training images) or bank
     # (the training pass's own, kept by dataset index: DeepCluster-v2's memory bank, no extra pass)
-    features: str = "pass"
+    features: str = "bank"
     assign: str = "sinkhorn"
     marginals: str = "uniform"
     min_size: float = 0.5

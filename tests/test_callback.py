@@ -26,8 +26,10 @@ class Spy(L.Callback):
 
 
 def test_pseudo_labels_refresh_and_head_is_reinitialised(shapes_dir, tmp_path):
+    # an eval-mode pass at each refresh: whether the final clustering replaces a head (and its
+    # moments) depends on the features, and this run was set up with the pass's
     cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=3",
-                                 "cluster.warm_start=false"])
+                                 "cluster.warm_start=false", "cluster.features=pass"])
     run = build_run(cfg)
     spy = Spy()
     run.trainer.callbacks.insert(1, spy)
@@ -45,7 +47,8 @@ def test_pseudo_labels_refresh_and_head_is_reinitialised(shapes_dir, tmp_path):
 
 
 def test_clustering_state_survives_a_checkpoint_round_trip(shapes_dir, tmp_path):
-    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=2"])
+    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "trainer.max_epochs=2",
+                                 "cluster.features=pass"])  # as above
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     path = tmp_path / "round.ckpt"
