@@ -44,7 +44,7 @@ def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: Em
         for split in datamodule.splits}
     table = datamodule.table
     order = sorted((int(row), split, i) for split in preds
-                   for i, row in enumerate(datamodule.split_rows(split)))
+                   for i, row in enumerate(datamodule.splits[split].rows))
     path = out_dir / "predictions.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

@@ -2,12 +2,13 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
 from mtl_unsup.clustering.bank import FeatureBank
 from mtl_unsup.data.datamodule import ImageFolderDataModule
-from mtl_unsup.train import train
+from mtl_unsup.train import build_run, train
 
 from .conftest import compose_cfg, tiny_folder_overrides
 
@@ -43,3 +44,14 @@ def test_with_the_bank_only_the_first_and_the_final_clustering_embed_the_trainin
     if source == "bank":
         log = list(csv.DictReader((out / "csv" / "metrics.csv").read_text().splitlines()))
         assert [r["cluster/from_bank"] for r in log if r.get("cluster/from_bank")] == ["0.0", "1.0", "1.0"]
+
+
+def test_fixed_features_get_no_bank(shapes_dir, tmp_path):
+    image_run = build_run(compose_cfg(tmp_path / "a", tiny_folder_overrides(shapes_dir)))
+    assert image_run.module.feature_bank is not None  # the default: cluster.features=bank
+    x = torch.randn(40, 6)
+    np.savez(tmp_path / "rows.npz", embeddings=x.numpy())
+    rows = ["data=embeddings", f"data.path={tmp_path / 'rows.npz'}", "cluster.k=3", "cluster.pca_dim=4",
+            "task.scan.num_neighbors=3"]
+    rows_run = build_run(compose_cfg(tmp_path / "b", rows))
+    assert rows_run.module.features_fixed and rows_run.module.feature_bank is None

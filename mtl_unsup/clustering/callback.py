@@ -142,8 +142,8 @@ class PseudoLabelCallback(L.Callback):
         """The tasks whose targets are refreshed at the start of ``epoch``. With ``cluster.k=auto``
         a refresh may change k, so every active task with targets is refreshed with the due ones
         (they all speak of the same k)."""
-        fixed = not any(p.requires_grad for p in module.backbone.parameters())
-        due = [name for name, task in module.tasks.items() if self.task_due(task, epoch, fixed)]
+        due = [name for name, task in module.tasks.items()
+               if self.task_due(task, epoch, module.features_fixed)]
         if self.auto and due:
             return [name for name, task in module.tasks.items() if task.refreshes and task.active(epoch)]
         return due

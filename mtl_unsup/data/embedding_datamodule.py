@@ -121,13 +121,8 @@ class EmbeddingFileDataModule(SplitDataModule):
     @property
     def fingerprint(self) -> str:
         """Digest of the training rows, which pseudo-labels are indexed by."""
-        if self._fingerprint is None:
-            digest = hashlib.sha256()
-            features = self.table.features
-            for start in range(0, self.num_train, 65536):
-                rows = self.splits["train"].rows[start:start + 65536]
-                digest.update(np.ascontiguousarray(features[rows]).tobytes())
-            self._fingerprint = digest.hexdigest()
+        if self._fingerprint is None:  # the training rows as the loaders hold them: no second copy
+            self._fingerprint = hashlib.sha256(memoryview(self._dataset("train").features)).hexdigest()
         return self._fingerprint
 
     def describe(self) -> str:
@@ -143,7 +138,3 @@ class EmbeddingFileDataModule(SplitDataModule):
     def train_images(self, indices: torch.Tensor) -> torch.Tensor:
         """Training rows by dataset index (for tasks that read other rows than the batch's)."""
         return self._dataset("train").rows(indices)
-
-    def split_rows(self, split: str) -> np.ndarray:
-        """Where the split's items sit in the file."""
-        return self.splits[split].rows

@@ -46,7 +46,7 @@ class MultiTaskModule(L.LightningModule):
         auto_k: ``cluster.k=auto``: ``num_clusters`` is the largest k tried, and the run's k
             (:attr:`k`) is the one the last refresh chose.
         feature_bank: the training set's size, to keep a :class:`FeatureBank` of the training
-            pass's features (``cluster.features=bank``); 0 for none.
+            pass's features (``cluster.features=bank``; not with fixed features); 0 for none.
     """
 
     def __init__(
@@ -101,11 +101,18 @@ class MultiTaskModule(L.LightningModule):
         self.seed = int(seed)
         self.cluster_settings = dict(cluster_settings or {"pca_dim": 32, "niter": 20, "nredo": 5})
         self.recorders = {s: SplitRecorder(backbone.feature_dim) for s in ("val", *self.eval_splits)}
-        # cluster.features=bank: the training pass's features of each image, for refreshes
-        self.feature_bank = FeatureBank(feature_bank, backbone.feature_dim) if feature_bank else None
+        # cluster.features=bank: the training pass's features of each image, for refreshes (none
+        # for fixed features: they are clustered once, so a bank would only cost memory and steps)
+        self.feature_bank = (FeatureBank(feature_bank, backbone.feature_dim)
+                             if feature_bank and not self.features_fixed else None)
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
         # its weights are used, its pseudo-labels are not.
         self.ignore_checkpoint_clustering = False
+
+    @property
+    def features_fixed(self) -> bool:
+        """Whether the backbone's features never change (frozen, or rows given as they are)."""
+        return not any(p.requires_grad for p in self.backbone.parameters())
 
     def _view_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
