@@ -53,7 +53,9 @@ def read_images(data: DictConfig, purpose: str) -> Any:
     """The images the ``data`` group names (a built-in set is written first), bad files dropped."""
     ImageFolderDataModule(root=data.root, builtin=data.builtin).prepare_data()
     images = scan_folder(data.root, labels=data.labels)
-    return drop_bad_images(images, data.on_bad_image, purpose)
+    # every image is decoded once to be predicted anyway: check them all, so that no output row
+    # stands for a file that could not be read
+    return drop_bad_images(images, data.on_bad_image, purpose, decode=True)
 
 
 def run_model(module: MultiTaskModule, train_cfg: DictConfig, data: DictConfig, ckpt: str, purpose: str,

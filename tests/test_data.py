@@ -42,7 +42,9 @@ def test_missing_path_and_empty_folder_are_named(tmp_path):
         scan_folder(tmp_path / "text")
 
 
-def write_bad_files(folder: Path) -> dict[str, Path]:
+def write_bad_files(folder: Path, late: bool = True) -> dict[str, Path]:
+    """Files the header check finds (``zero``, ``text``, ``trunc_jpeg``, cut inside its header)
+    and, with ``late``, files found only when decoded (``trunc``, ``late_jpeg``: pixel data cut)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"zero": folder / "zero.png", "text": folder / "text.jpg", "trunc": folder / "trunc.png"}
     files["zero"].write_bytes(b"")
@@ -56,29 +58,55 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg)
     files["trunc_jpeg"] = folder / "trunc.jpg"
     files["trunc_jpeg"].write_bytes(jpeg.read_bytes()[:600])
+    files["late_jpeg"] = folder / "late.jpg"
+    files["late_jpeg"].write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size * 3 // 4])
     jpeg.unlink()
+    if not late:
+        files.pop("trunc").unlink()
+        files.pop("late_jpeg").unlink()
     return files
 
 
 def test_bad_files_are_found_before_training_and_skipped_with_one_warning(tmp_path):
     root = write_shapes(tmp_path / "data", per_class=10)
     bad = write_bad_files(root / "class_0")
-    with pytest.warns(UserWarning, match="Skipping 4 unreadable") as record:
+    with pytest.warns(UserWarning, match="Skipping 3 unreadable") as record:
         dm = make_dm(root, val_fraction=0.0, test_fraction=0.0)
-    message = str(record[0].message)
-    for path in bad.values():
-        assert str(path) in message
+    message = str(record[0].message)  # the header check: no decoding at setup
+    for name in ("zero", "text", "trunc_jpeg"):
+        assert str(bad[name]) in message
     assert "0 bytes" in message and "not an image" in message and "truncated" in message
-    assert dm.num_train == 30
-    batch = next(iter(dm.train_dataloader()))  # nothing bad reaches a worker
-    assert batch["image"].shape == (8, 1, 16, 16)
+    assert str(bad["trunc"]) not in message and dm.num_train == 32
+
+
+@pytest.mark.parametrize(("cache", "workers"), [("auto", 0), ("none", 1)])
+def test_a_file_that_fails_only_when_decoded_is_skipped_and_named_never_a_crash(tmp_path, cache, workers,
+                                                                                caplog):
+    root = write_shapes(tmp_path / "data", per_class=10)
+    bad = write_bad_files(root / "class_0")
+    with pytest.warns(UserWarning, match="Skipping 3 unreadable"):
+        dm = make_dm(root, val_fraction=0.0, test_fraction=0.0, cache=cache, num_workers=workers)
+    late = {i for i, p in enumerate(dm.splits["train"].paths) if p in (bad["trunc"], bad["late_jpeg"])}
+    assert len(late) == 2
+    if cache == "auto":  # the cache decodes the split once and names what failed
+        with pytest.warns(UserWarning, match="Skipping 2 image.*cannot be decoded") as record:
+            loader = dm.train_dataloader()
+        assert str(bad["trunc"]) in str(record[0].message)
+    else:  # streamed: a loader worker meets them, names them and goes on
+        loader = dm.train_dataloader()
+    seen = torch.cat([batch["index"] for batch in loader])
+    assert len(seen) == 30 and not late & set(seen.tolist())  # left out of training
+    assert sorted(seen.tolist()) == sorted(set(range(32)) - late)
+    evaluated = torch.cat([b["label"][~b["valid"]] for b in dm.split_loader("train")])
+    assert evaluated.tolist() == [-1, -1]  # kept in place (aligned by index), out of every score
 
 
 def test_bad_files_raise_when_asked(tmp_path):
     root = write_shapes(tmp_path / "data", per_class=4)
-    write_bad_files(root / "class_1")
-    with pytest.raises(DataError, match="on_bad_image=skip"):
-        make_dm(root, on_bad_image="raise")
+    bad = write_bad_files(root / "class_1")
+    with pytest.raises(DataError, match="on_bad_image=skip") as err:
+        make_dm(root, on_bad_image="raise", val_fraction=0.0, test_fraction=0.0)
+    assert "5 unreadable" in str(err.value) and str(bad["late_jpeg"]) in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -229,7 +257,7 @@ def test_decompression_bombs_unreadable_files_and_unicode_names(tmp_path, monkey
 
 def test_a_folder_of_only_bad_images_is_an_error(tmp_path):
     folder = tmp_path / "bad" / "x"
-    write_bad_files(folder)
+    write_bad_files(folder, late=False)
     with pytest.raises(DataError, match="Every image of the train set is unreadable"), \
             pytest.warns(UserWarning):
         make_dm(tmp_path / "bad", val_fraction=0.0, test_fraction=0.0)

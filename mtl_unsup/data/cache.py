@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from mtl_unsup.data.dataset import decode_transform
-from mtl_unsup.data.images import DataError, ImageList, load_image
+from mtl_unsup.data.images import DataError, ImageList, try_load_image
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,10 @@ def use_memory_cache(mode: str, num_images: int, channels: int, image_size: int,
 
 
 def decode_images(images: ImageList, channels: int, image_size: int,
-                  threads: int | None = None, chunk: int = 2048) -> torch.Tensor:
+                  threads: int | None = None, chunk: int = 2048) -> tuple[torch.Tensor, dict[int, str]]:
     """Every image of ``images`` decoded and resized: ``N x C x S x S`` uint8, in list order,
-    exactly what :class:`~mtl_unsup.data.dataset.ImageDataset` would decode one by one.
+    exactly what :class:`~mtl_unsup.data.dataset.ImageDataset` would decode one by one; and the
+    files that could not be decoded (index -> why; their rows are left blank).
 
     Pillow releases the GIL while it decodes, so a few threads share the work; they write into
     the array in chunks (no queue of a million pending decodes).
@@ -50,10 +51,15 @@ def decode_images(images: ImageList, channels: int, image_size: int,
     # A normal tensor even when called under inference mode (a first test pass): the threads,
     # which do not inherit that mode, could not write into an inference tensor.
     with torch.inference_mode(False):
-        out = torch.empty((len(images), channels, image_size, image_size), dtype=torch.uint8)
+        out = torch.zeros((len(images), channels, image_size, image_size), dtype=torch.uint8)
+    unreadable: dict[int, str] = {}
 
     def fill(i: int) -> None:
-        out[i] = decode(load_image(images.paths[i], channels))
+        image, why = try_load_image(images.paths[i], channels)
+        if image is None:
+            unreadable[i] = str(why)
+        else:
+            out[i] = decode(image)
 
     start = time.perf_counter()
     workers = threads or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -63,4 +69,4 @@ def decode_images(images: ImageList, channels: int, image_size: int,
             list(pool.map(fill, range(lo, min(lo + chunk, len(images)))))
     log.info("Decoded %d images into memory (%.0f MB) in %.1f s", len(images),
              out.numel() / 2**20, time.perf_counter() - start)
-    return out
+    return out, dict(sorted(unreadable.items()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,10 @@ class ImageFolderDataModule(SplitDataModule):
         mean, std: per-channel normalisation (a single value is repeated).
         augmentations: name -> list of batched augmentation modules (kornia), applied on the
             training device to [0, 1] images before normalisation; tasks ask for views by name.
-        on_bad_image: ``skip`` (one warning listing the files), ``raise`` or ``ignore``.
+        on_bad_image: ``skip`` checks every file's size and header at setup and skips the bad
+            ones (one warning listing them); a file that fails later, when decoded, is skipped
+            then and named. ``raise`` decodes every file at setup and stops on any bad one;
+            ``ignore`` checks nothing up front.
         invert: use ``1 - image`` (e.g. black digits on white, such as the MNIST PNG copies).
         cache: ``auto`` keeps each split decoded in memory (uint8) when all splits together take
             at most ``cache_max_gb``; ``memory`` always, ``none`` decodes on every read.
@@ -221,5 +225,15 @@ class ImageFolderDataModule(SplitDataModule):
 
     def _image_dataset(self, split: str) -> ImageDataset:
         images = self.splits[split]
-        decoded = decode_images(images, self.channels, self.image_size) if self.caches_in_memory else None
-        return ImageDataset(images, self.channels, self.image_size, self.invert, decoded=decoded)
+        decoded, unreadable = None, {}
+        if self.caches_in_memory:
+            decoded, unreadable = decode_images(images, self.channels, self.image_size)
+        if unreadable:
+            listing = "\n".join(f"  {images.paths[i]}: {why}" for i, why in list(unreadable.items())[:50])
+            more = f"\n  ... and {len(unreadable) - 50} more" if len(unreadable) > 50 else ""
+            warnings.warn(f"Skipping {len(unreadable)} image(s) of the {split} set that passed the "
+                          f"header check at setup but cannot be decoded:\n{listing}{more}\nThey are "
+                          "left out of training and of every score (data.on_bad_image=raise decodes "
+                          "every file before training instead).", stacklevel=2)
+        return ImageDataset(images, self.channels, self.image_size, self.invert, decoded=decoded,
+                            unreadable=unreadable)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision.transforms import v2
 
-from mtl_unsup.data.images import ImageList, load_image
+from mtl_unsup.data.images import ImageList, try_load_image
+
+log = logging.getLogger(__name__)
 
 
 def _inverted(x: torch.Tensor) -> torch.Tensor:
@@ -31,7 +35,7 @@ def float_transform(invert: bool = False) -> v2.Compose:
 
 
 class ImageDataset(Dataset):
-    """Items are ``{"index", "label", "image"}``.
+    """Items are ``{"index", "label", "image", "valid"}``.
 
     ``image`` is the decoded image resized to a fixed square, as floats in [0, 1]. Augmentation
     and normalisation happen batched on the training device (see :class:`MultiTaskModule`), which
@@ -40,25 +44,51 @@ class ImageDataset(Dataset):
 
     With ``decoded`` (the split's images already decoded and resized, N x C x S x S uint8, see
     :mod:`mtl_unsup.data.cache`) nothing is read from disk; the items are the same, bit for bit.
+
+    A file that passed the header check at setup but cannot be decoded (``unreadable``, found by
+    the cache, or found here when streaming) keeps its index, so that every pass stays aligned by
+    dataset index: its item is a blank image with ``valid`` False and label -1 (left out of every
+    score), named in a warning once per process, and :meth:`collate_training` leaves it out of
+    training batches.
     """
 
     def __init__(self, images: ImageList, channels: int, image_size: int, invert: bool = False,
-                 decoded: torch.Tensor | None = None) -> None:
+                 decoded: torch.Tensor | None = None, unreadable: Mapping[int, str] | None = None) -> None:
         if decoded is not None and len(decoded) != len(images):
             raise ValueError(f"{len(decoded)} decoded images for a list of {len(images)}")
-        self.images, self.channels, self.decoded = images, channels, decoded
+        self.images, self.channels, self.image_size, self.decoded = images, channels, image_size, decoded
+        self.unreadable = dict(unreadable or {})  # index -> why it cannot be decoded
         self.decode = decode_transform(image_size)
         self.to_float = float_transform(invert)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def pixels(self, index: int) -> torch.Tensor:
-        """The image at ``index`` as uint8, ``C x S x S``."""
+    def pixels(self, index: int) -> torch.Tensor | None:
+        """The image at ``index`` as uint8, ``C x S x S``; None when it cannot be decoded."""
+        if index in self.unreadable:
+            return None
         if self.decoded is not None:
             return self.decoded[index]
-        return self.decode(load_image(self.images.paths[index], self.channels))
+        image, why = try_load_image(self.images.paths[index], self.channels)
+        if image is None:
+            self.unreadable[index] = str(why)
+            log.warning("Skipping %s: %s (it passed the header check at setup; set "
+                        "data.on_bad_image=raise to decode every file before training)",
+                        self.images.paths[index], why)
+            return None
+        return self.decode(image)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"index": index, "label": self.images.labels[index],
-                "image": self.to_float(self.pixels(index))}
+        pixels = self.pixels(index)
+        valid = pixels is not None
+        if pixels is None:
+            pixels = torch.zeros((self.channels, self.image_size, self.image_size), dtype=torch.uint8)
+        return {"index": index, "label": self.images.labels[index] if valid else -1,
+                "image": self.to_float(pixels), "valid": valid}
+
+    @staticmethod
+    def collate_training(items: list[dict[str, Any]]) -> dict[str, Any]:
+        """A training batch without the items that could not be decoded (all of them, blank,
+        in the unlikely case that none could)."""
+        return default_collate([item for item in items if item["valid"]] or items)

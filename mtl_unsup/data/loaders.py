@@ -92,7 +92,7 @@ class SplitDataModule(L.LightningDataModule):
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
             num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(sampler.seed),
-            collate_fn=getattr(dataset, "collate", None),
+            collate_fn=getattr(dataset, "collate_training", getattr(dataset, "collate", None)),
         )
 
     def val_dataloader(self) -> list[DataLoader] | DataLoader:
