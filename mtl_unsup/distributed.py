@@ -16,6 +16,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for a collective: the current GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of ``x`` (the counts may differ), concatenated in rank order.

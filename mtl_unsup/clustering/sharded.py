@@ -1,0 +1,173 @@
+"""k-means over features sharded across ranks: no process holds more than its own rows.
+
+Each rank passes the features of its own training images (float16 or float32, any order) with
+their dataset indices; every image belongs to exactly one rank.
+
+1. **PCA on a sample.** A seeded sample of at most ``sample`` dataset indices, the same whatever
+   the number of ranks, is gathered from the ranks that hold those rows; the whitening is fitted
+   on it (covariance accumulated in float64, chunk by chunk) and each rank projects its own rows,
+   chunk by chunk, into the whitened, L2-normalised space (float32, ``pca_dim`` columns).
+2. **Lloyd's iterations.** The centroids start from FAISS k-means on the (whitened) sample, the
+   same on every rank. Each rank assigns its rows to the nearest centroid and sums them per
+   cluster (float64); the sums, counts and objective are all-reduced, so every rank computes the
+   same new centroids. An empty cluster takes half of the largest, as FAISS does.
+3. **Labels scattered back by dataset index.** The ``(index, label)`` pairs are gathered (16
+   bytes a row), so every rank holds all N labels, as training on any image needs.
+
+Per-rank memory is the shard plus its whitened copy plus the sample, so it falls with the number
+of ranks; one process gives the same labels as several (the sample and the initial centroids do
+not depend on the sharding, and the sums differ only in float64 rounding).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mtl_unsup.clustering.kmeans import ClusterState, run_kmeans
+from mtl_unsup.distributed import collective_device, gather_rows, world
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, on the CPU (sent through the device NCCL needs)."""
+    if world()[1] == 1:
+        return x
+    y = x.to(collective_device())
+    dist.all_reduce(y)
+    return y.cpu()
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    return gather_rows(x.to(collective_device())).cpu()
+
+
+def sample_indices(num_rows: int, sample: int, seed: int) -> torch.Tensor:
+    """Sorted dataset indices of the PCA sample: all rows, or a seeded draw of ``sample`` of them."""
+    if sample <= 0 or sample >= num_rows:
+        return torch.arange(num_rows)
+    order = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return order[:sample].sort().values
+
+
+def gather_sample(shard: torch.Tensor, index: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """The rows of ``wanted`` (sorted dataset indices), gathered from the ranks that hold them,
+    as float32 in the order of ``wanted``; every rank gets them (a collective)."""
+    mask = torch.isin(index, wanted)
+    rows = _gather(shard[mask].float())
+    where = _gather(index[mask])
+    return rows[where.argsort()]
+
+
+def fit_whitening(sample: torch.Tensor, dim: int | None, chunk: int = 8192,
+                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and ``(D, d)`` whitening projection of ``sample`` (see
+    :func:`~mtl_unsup.clustering.kmeans.fit_pca_whitening`), its covariance summed in float64
+    chunk by chunk so that no float64 copy of the sample is made."""
+    n, full = sample.shape
+    mean = torch.zeros(full, dtype=torch.float64)
+    for part in sample.split(chunk):
+        mean += part.double().sum(0)
+    mean /= n
+    if not dim:
+        return mean.float(), torch.eye(full)
+    cov = torch.zeros(full, full, dtype=torch.float64)
+    for part in sample.split(chunk):
+        centred = part.double() - mean
+        cov += centred.t() @ centred
+    cov /= max(n - 1, 1)
+    d = max(1, min(dim, full, n - 1))
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
+    return mean.float(), (eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)).float()
+
+
+def project(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """Rows of ``x`` (any float type) whitened and L2-normalised, as float32, chunk by chunk."""
+    out = torch.empty(len(x), proj.shape[1])
+    for lo in range(0, len(x), chunk):
+        part = (x[lo : lo + chunk].float() - mean) @ proj
+        out[lo : lo + chunk] = torch.nn.functional.normalize(part, dim=1)
+    return out
+
+
+def _assign(x: np.ndarray, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    index = faiss.IndexFlatL2(centroids.shape[1])
+    index.add(np.ascontiguousarray(centroids.numpy(), dtype=np.float32))
+    dist2, labels = index.search(x, 1)
+    return torch.from_numpy(labels[:, 0].astype(np.int64)), torch.from_numpy(dist2[:, 0].astype(np.float64))
+
+
+def _split_empty(centroids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each empty cluster takes a copy of the largest one, both nudged apart (FAISS' rule)."""
+    centroids, counts = centroids.clone(), counts.clone()
+    for empty in torch.nonzero(counts == 0).squeeze(1).tolist():
+        big = int(counts.argmax())
+        nudge = 1e-3 * torch.where(torch.arange(centroids.shape[1]) % 2 == 0, 1.0, -1.0)
+        centroids[empty] = centroids[big] * (1 + nudge)
+        centroids[big] = centroids[big] * (1 - nudge)
+        counts[empty] = counts[big] // 2
+        counts[big] -= counts[empty]
+    return centroids
+
+
+def lloyd(x: torch.Tensor, init: torch.Tensor, niter: int,
+          chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``niter`` Lloyd iterations over the rows of every rank from centroids ``init`` (the same on
+    every rank); returns this rank's labels, the centroids and the global objective."""
+    k = len(init)
+    data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    centroids = init.float()
+    for _ in range(niter):
+        labels, _ = _assign(data, centroids)
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+        for lo in range(0, len(x), chunk):
+            sums.index_add_(0, labels[lo : lo + chunk], x[lo : lo + chunk].double())
+        counts = _all_reduce(torch.bincount(labels, minlength=k).double())
+        sums = _all_reduce(sums)
+        moved = (sums / counts.clamp(min=1).unsqueeze(1)).float()
+        centroids = _split_empty(torch.where(counts.unsqueeze(1) > 0, moved, centroids), counts)
+    labels, dist2 = _assign(data, centroids)
+    objective = float(_all_reduce(dist2.sum().reshape(1))[0])
+    return labels, centroids, objective
+
+
+@torch.no_grad()
+def sharded_kmeans(
+    shard: torch.Tensor, index: torch.Tensor, num_rows: int, k: int, pca_dim: int | None = 32,
+    niter: int = 20, nredo: int = 1, seed: int = 0, epoch: int = 0, sample: int = 100_000,
+) -> ClusterState:
+    """PCA-whiten, L2-normalise and k-means rows held across ranks (a collective: every rank
+    calls it with its own rows); every rank gets the same :class:`ClusterState`, labels by
+    dataset index for all ``num_rows`` rows.
+
+    Args:
+        shard: ``(n_rank, D)`` this rank's features, any float type (float16 halves the memory).
+        index: ``(n_rank,)`` their dataset indices; together the ranks hold each of
+            ``0 .. num_rows - 1`` exactly once.
+        sample: rows the whitening and the initial centroids are fitted on (all when fewer).
+        nredo: starts (k-means on the sample with different seeds); the lowest objective wins.
+    """
+    if not 2 <= k <= num_rows:
+        raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {num_rows} points")
+    index = index.long().cpu()
+    held = torch.zeros(num_rows, dtype=torch.bool)
+    held[_gather(index)] = True
+    if not bool(held.all()) or int(_all_reduce(torch.tensor([len(index)]))[0]) != num_rows:
+        raise ValueError(f"every dataset index 0..{num_rows - 1} must be held by exactly one rank")
+    picked = gather_sample(shard, index, sample_indices(num_rows, sample, seed))
+    mean, proj = fit_whitening(picked, pca_dim)
+    picked = project(picked, mean, proj)
+    x = project(shard, mean, proj)
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    for start in range(max(1, nredo)):
+        _, init, _ = run_kmeans(picked, k, niter=niter, seed=seed + epoch + start)
+        found = lloyd(x, init, niter)
+        if best is None or found[2] < best[2]:
+            best = found
+    assert best is not None
+    labels, centroids, _ = best
+    everyone = torch.empty(num_rows, dtype=torch.long)
+    everyone[_gather(index)] = _gather(labels)
+    return ClusterState(everyone, centroids, mean, proj, epoch)
