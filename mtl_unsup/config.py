@@ -118,6 +118,10 @@ class ClusterConfig:
     min_size: float = 0.5
     sinkhorn_epsilon: float = 0.05
     answer: str = "auto"
+    # k-means with each rank holding only its own rows (ImageNet-sized sets under DDP); the
+    # whitening is fitted on pca_sample rows (0: all)
+    sharded: bool = False
+    pca_sample: int = 100_000
 
 
 @dataclass
@@ -231,6 +235,12 @@ def check_config(cfg: Any) -> None:
     if cfg.cluster.features not in ("pass", "bank"):
         problems.append(f"cluster.features={cfg.cluster.features!r}: use pass (an eval-mode pass over the "
                         "training images at each refresh) or bank (the training pass's features).")
+    if cfg.cluster.sharded and cfg.cluster.features != "pass":
+        problems.append("cluster.sharded=true needs cluster.features=pass (a bank holds every row on "
+                        "every rank); cluster=sharded sets it.")
+    if cfg.cluster.sharded and cfg.cluster.k == "auto":
+        problems.append("cluster.sharded=true needs a number for cluster.k (choosing k needs every "
+                        "row on one rank).")
     if cfg.cluster.niter < 1 or cfg.cluster.nredo < 1:
         problems.append("cluster.niter and cluster.nredo must be >= 1.")
     problems += cluster_problems(cfg.cluster)

@@ -118,3 +118,21 @@ def test_ddp_from_the_command_line_writes_one_run_dir_and_prints_once(tmp_path):
     assert (run_dir / "metrics.json").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert proc.stdout.count("| test |") == 1 and proc.stdout.count("metrics:    ") == 1
     assert proc.stdout.count("clusters: ") + proc.stderr.count("clusters: ") == 2  # rank 0 only
+
+
+@pytest.mark.slow
+def test_sharded_clustering_under_ddp_gives_the_clusters_of_one_process(tmp_path):
+    # cluster=sharded: no rank gathers the features; the 33 training images are split 17/16
+    root = write_shapes(tmp_path / "shapes", per_class=16)
+    run_script(tmp_path, 2, root, SCRIPT, "sharded")
+    run_script(tmp_path, 1, root, SCRIPT, "sharded")
+    names = ("rank0_of2", "rank1_of2", "rank0_of1")
+    first = {n: torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in names}
+    assert len(first["rank0_of1"]["labels"]) == 33
+    for key in ("labels", "centroids", "pca_proj"):
+        assert torch.equal(first["rank0_of2"][key], first["rank1_of2"][key]), key
+    assert torch.equal(first["rank0_of2"]["labels"], first["rank0_of1"]["labels"])
+    assert torch.allclose(first["rank0_of2"]["centroids"], first["rank0_of1"]["centroids"], atol=1e-5)
+    # the final clustering (after a DDP epoch) is computed together and agrees on both ranks
+    final = [torch.load(tmp_path / f"final_rank{r}_of2.pt", weights_only=True) for r in range(2)]
+    assert torch.equal(final[0]["labels"], final[1]["labels"]) and len(final[0]["labels"]) == 33

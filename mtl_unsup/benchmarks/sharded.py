@@ -23,12 +23,24 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CHUNK = 65536
+CHUNK = 16384
+
+
+def peak_gb() -> float:
+    """This process's peak resident memory (``VmHWM``, which, unlike ``ru_maxrss``, does not
+    carry over the parent's peak into a process it starts)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # KiB -> GiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def make_shard(rows: torch.Tensor, dim: int, clusters: int, seed: int = 0) -> torch.Tensor:
     """float16 features of the dataset indices ``rows``: blob ``index % clusters`` plus noise, each
-    chunk of 65,536 indices drawn from its own seed, so any sharding gives the same rows."""
+    chunk of 16,384 indices drawn from its own seed, so any sharding gives the same rows."""
     centres = torch.randn(clusters, dim, generator=torch.Generator().manual_seed(seed)) * 0.5
     out = torch.empty(len(rows), dim, dtype=torch.float16)
     for lo in range(0, len(rows), CHUNK):
@@ -52,7 +64,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, store: str, out: str)
     state = sharded_kmeans(shard, mine, args.rows, args.k, pca_dim=args.pca_dim, niter=args.niter,
                            nredo=1, seed=0, sample=args.sample)
     done = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = peak_gb()
     Path(f"{out}{rank}.json").write_text(json.dumps(
         {"peak_gb": peak, "cluster_s": done - made, "total_s": done - start,
          "shard_gb": shard.numel() * shard.element_size() / 2**30}))

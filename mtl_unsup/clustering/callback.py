@@ -11,6 +11,7 @@ from torchmetrics.functional.clustering import normalized_mutual_info_score
 
 from mtl_unsup.clustering.kmeans import ClusterState, matching_permutation
 from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext
+from mtl_unsup.clustering.sharded import ShardedContext, check_sharded_tasks
 from mtl_unsup.distributed import gather_rows
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import score_clustering
@@ -34,6 +35,19 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     out = torch.empty(datamodule.num_train, features.shape[1])
     out[index.cpu()] = features.cpu()
     return out
+
+
+@torch.no_grad()
+def shard_features(trainer: L.Trainer, module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the training set's features (plain images, eval mode) and their
+    dataset indices; each image is on exactly one rank and nothing is gathered."""
+    loader = trainer.datamodule.cluster_dataloader(trainer.world_size, trainer.global_rank, pad=False)
+    feats, indices = [], []
+    with eval_mode(module), trainer.precision_plugin.forward_context():
+        for batch in loader:
+            feats.append(module.features(batch["image"].to(module.device)).float().cpu())
+            indices.append(batch["index"].cpu())
+    return torch.cat(feats), torch.cat(indices)
 
 
 @torch.no_grad()
@@ -63,6 +77,8 @@ class PseudoLabelCallback(L.Callback):
     The recipe: features without augmentation -> PCA-whitening -> L2 -> what each task asks of the
     :class:`RefreshContext` (k-means labels, balanced labels, neighbours). It runs on rank 0 and is
     broadcast, so every rank trains on the same targets; every state lives in the checkpoint.
+    With ``cluster.sharded=true`` no rank gathers the features: each keeps its own rows and
+    every rank runs the tasks on a :class:`ShardedContext`, whose k-means is computed together.
 
     Args:
         k: number of clusters (``cluster.k``), or ``auto``: chosen at each refresh in
@@ -95,8 +111,21 @@ class PseudoLabelCallback(L.Callback):
         return RefreshContext(features, trainer.current_epoch, self.seed, self.settings,
                               trainer.datamodule.fingerprint, previous, k=module.k)
 
+    def sharded_context(self, trainer: L.Trainer, module: L.LightningModule) -> ShardedContext:
+        shard, index = shard_features(trainer, module)
+        return ShardedContext(shard, index, trainer.datamodule.num_train, trainer.current_epoch,
+                              self.seed, self.settings, trainer.datamodule.fingerprint, k=module.k)
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.settings.sharded:
+            check_sharded_tasks(dict(module.tasks))
+
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> dict:
         """Refresh the named tasks now; returns statistics of the new k-means."""
+        if self.settings.sharded:  # every rank computes, together: nothing to broadcast
+            ctx = self.sharded_context(trainer, module)
+            return self.adopt(trainer, module, names, ctx.kmeans(ctx.k),
+                              {n: module.tasks[n].refresh(ctx) for n in names})
         features, from_bank = None, False
         if module.feature_bank is not None:  # cluster.features=bank: no full pass once it fills
             features, written = module.feature_bank.gather()
@@ -112,9 +141,15 @@ class PseudoLabelCallback(L.Callback):
             scores = ctx.choose_k() if self.auto else None
             payload = (ctx.kmeans(ctx.k), {n: module.tasks[n].refresh(ctx) for n in names}, scores)
         state, states, scores = trainer.strategy.broadcast(payload, src=0)
-        stats = self._stats(trainer, module.cluster_state, state)
+        stats = self.adopt(trainer, module, names, state, states, scores)
         if module.feature_bank is not None:
             stats["cluster/from_bank"] = float(from_bank)
+        return stats
+
+    def adopt(self, trainer: L.Trainer, module: L.LightningModule, names: list[str], state: ClusterState,
+              states: dict, scores: dict | None = None) -> dict:
+        """Give the module its new k-means and the tasks their new targets; returns statistics."""
+        stats = self._stats(trainer, module.cluster_state, state)
         if scores is not None:
             module.k_selection = scores
             stats["cluster/k"] = float(state.k)
@@ -177,6 +212,9 @@ class PseudoLabelCallback(L.Callback):
         so. The final clusters are then renamed to agree with the answer head, so head and
         k-means speak of the same cluster numbers. Nothing here reads a label.
         """
+        if self.settings.sharded:
+            self.finish_sharded(trainer, module)
+            return
         features = extract_features(trainer, module)
         payload = None
         if trainer.is_global_zero:
@@ -199,3 +237,20 @@ class PseudoLabelCallback(L.Callback):
                 head = module.head_logits(features.to(module.device))[answer].argmax(1).cpu()
             state = state.relabelled(matching_permutation(state.labels, head, state.k))
         module.set_cluster_state(trainer.strategy.broadcast(state, src=0))
+
+    def finish_sharded(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        """:meth:`finish` with each rank holding only its rows: every rank runs the same steps."""
+        ctx = self.sharded_context(trainer, module)
+        replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if t.weight > 0}
+        replaced = {n: r for n, r in replaced.items() if r is not None}
+        state = ctx.kmeans(ctx.k)
+        module.adopt_task_states({n: s for n, (s, _) in replaced.items()}, reset_head=True,
+                                 head_init="centroids")
+        for name, (_, why) in replaced.items():
+            rank_zero_info(f"The {name} head {why}.")
+        answer = module.answer()
+        if answer is not None and module.head_sizes()[answer] == state.k:
+            with torch.no_grad(), eval_mode(module):
+                head = ctx.argmax(lambda f: module.head_logits(f.to(module.device))[answer])
+            state = state.relabelled(matching_permutation(state.labels, head, state.k))
+        module.set_cluster_state(state)

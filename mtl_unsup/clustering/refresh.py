@@ -9,6 +9,7 @@ Sinkhorn-Knopp when ``cluster.assign=sinkhorn``) and nearest neighbours.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ class ClusterSettings:
     sinkhorn_epsilon: float = 0.05
     k_range: tuple[int, int] = (2, 20)
     k_criterion: str = "silhouette"
+    sharded: bool = False
+    pca_sample: int = 100_000
 
     @classmethod
     def from_config(cls, cluster: Any) -> ClusterSettings:
@@ -56,6 +59,11 @@ class ClusterSettings:
                              "mean cluster size)")
         if self.sinkhorn_epsilon <= 0:
             raise ValueError(f"cluster.sinkhorn_epsilon={self.sinkhorn_epsilon} must be > 0")
+        if self.pca_sample < 0:
+            raise ValueError(f"cluster.pca_sample={self.pca_sample} must be >= 0 (0: every row)")
+        if self.sharded and self.assign != "kmeans":
+            raise ValueError("cluster.sharded=true clusters with k-means only: set cluster.assign=kmeans "
+                             "(a balanced assignment needs every row on one rank); cluster=sharded sets it")
 
 
 def cluster_shares(counts: torch.Tensor, marginals: str, min_size: float) -> torch.Tensor | None:
@@ -174,6 +182,11 @@ class RefreshContext:
                 state = balanced_state(state, self.space[0], self.settings)
             self._assigned[k] = state
         return self._assigned[k]
+
+    def argmax(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``logits(features).argmax(1)`` for every training image, by dataset index (a head's
+        clusters)."""
+        return logits(self.features).argmax(1).cpu()
 
     def neighbours(self, num: int) -> torch.Tensor:
         """``(N, num)`` dataset indices of each image's nearest others in the whitened space."""

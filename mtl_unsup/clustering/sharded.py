@@ -21,12 +21,17 @@ not depend on the sharding, and the sums differ only in float64 rounding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from mtl_unsup.clustering.kmeans import ClusterState, run_kmeans
+from mtl_unsup.clustering.refresh import ClusterSettings
 from mtl_unsup.distributed import collective_device, gather_rows, world
 
 
@@ -57,7 +62,9 @@ def gather_sample(shard: torch.Tensor, index: torch.Tensor, wanted: torch.Tensor
     mask = torch.isin(index, wanted)
     rows = _gather(shard[mask].float())
     where = _gather(index[mask])
-    return rows[where.argsort()]
+    if bool((where[1:] < where[:-1]).any()):
+        rows = rows[where.argsort()]
+    return rows
 
 
 def fit_whitening(sample: torch.Tensor, dim: int | None, chunk: int = 8192,
@@ -171,3 +178,56 @@ def sharded_kmeans(
     everyone = torch.empty(num_rows, dtype=torch.long)
     everyone[_gather(index)] = _gather(labels)
     return ClusterState(everyone, centroids, mean, proj, epoch)
+
+
+@dataclass
+class ShardedContext:
+    """What :class:`~mtl_unsup.clustering.refresh.RefreshContext` offers the k-means tasks, with
+    each rank holding only its own rows (``cluster.sharded=true``). Its methods are collectives:
+    every rank runs the same tasks' ``refresh``/``finish``, in the same order, and gets the same
+    results. Nearest neighbours, a balanced assignment and the choice of k need every row on one
+    rank, so tasks that ask for them are refused before training (see
+    :func:`check_sharded_tasks`)."""
+
+    shard: torch.Tensor
+    index: torch.Tensor
+    num_rows: int
+    epoch: int
+    seed: int
+    settings: ClusterSettings
+    fingerprint: str = ""
+    k: int = 0
+    _kmeans: dict[int, ClusterState] = field(default_factory=dict)
+
+    def kmeans(self, k: int) -> ClusterState:
+        if k not in self._kmeans:
+            s = self.settings
+            state = sharded_kmeans(self.shard, self.index, self.num_rows, k, s.pca_dim, s.niter, s.nredo,
+                                   seed=self.seed, epoch=self.epoch, sample=s.pca_sample)
+            state.fingerprint = self.fingerprint
+            self._kmeans[k] = state
+        return self._kmeans[k]
+
+    def pseudo_labels(self, k: int) -> ClusterState:
+        return self.kmeans(k)
+
+    def argmax(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``logits(features).argmax(1)`` of every training image, by dataset index: each rank
+        computes its rows', then the labels are gathered."""
+        mine = torch.cat([logits(part.float()).argmax(1).cpu() for part in self.shard.split(65536)])
+        everyone = torch.empty(self.num_rows, dtype=torch.long)
+        everyone[_gather(self.index)] = _gather(mine)
+        return everyone
+
+
+def check_sharded_tasks(tasks: dict[str, Any]) -> None:
+    """Refuse, naming them, the tasks whose targets need every row on one rank."""
+    from mtl_unsup.config import ConfigValueError
+    from mtl_unsup.tasks.cluster import ClusterTask
+
+    others = [name for name, task in tasks.items() if task.refreshes and not isinstance(task, ClusterTask)]
+    if others:
+        raise ConfigValueError(
+            f"cluster.sharded=true clusters with k-means only, but task {', '.join(others)} needs "
+            "nearest neighbours over the whole training set: drop it from task=[...] or set "
+            "cluster.sharded=false.")

@@ -107,10 +107,14 @@ class SplitDataModule(L.LightningDataModule):
         """The split in order, unaugmented (for predictions and pictures)."""
         return self._eval_loader(self._dataset(split))
 
-    def cluster_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
-        """Plain (no augmentation) pass over the training set, sharded across ranks."""
+    def cluster_dataloader(self, world_size: int = 1, rank: int = 0, pad: bool = True) -> DataLoader:
+        """Plain (no augmentation) pass over the training set, sharded across ranks: padded to
+        equal shares (``DistributedSampler``, which repeats a few images), or, without ``pad``,
+        each image on exactly one rank."""
         dataset = self._dataset("train")
-        sampler = None
-        if world_size > 1:
+        sampler: Any = None
+        if world_size > 1 and not pad:
+            sampler = range(rank, len(dataset), world_size)
+        elif world_size > 1:
             sampler = DistributedSampler(dataset, world_size, rank, shuffle=False)
         return self._eval_loader(dataset, sampler=sampler)

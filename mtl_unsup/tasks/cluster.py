@@ -108,7 +108,7 @@ class ClusterTask(Task):
             return final, (f"never trained (its task starts at epoch {self.start_epoch}): it now predicts "
                            "the final k-means clusters, and its scores are those of k-means")
         with torch.no_grad():
-            head = self.logits(ctx.features.to(self.head.mean.device)).argmax(1).cpu()
+            head = ctx.argmax(lambda features: self.logits(features.to(self.head.mean.device)))
         agreement = float(normalized_mutual_info_score(head, final.labels))
         if agreement < MIN_HEAD_AGREEMENT:
             return final, (f"disagrees with the final k-means of the training features (NMI "

@@ -116,7 +116,7 @@ class ScanTask(Task):
             return {**state, "usable": False}, why
         head = self.heads[int(self.head_losses.argmin())]
         with torch.no_grad():
-            preds = head(ctx.features.to(self.head_losses.device))[:, : self.k].argmax(1).cpu()
+            preds = ctx.argmax(lambda features: head(features.to(self.head_losses.device))[:, : self.k])
         agreement = float(normalized_mutual_info_score(preds, ctx.kmeans(self.k).labels))
         if agreement < MIN_HEAD_AGREEMENT:
             why = (f"disagrees with the final k-means of the training features (NMI {agreement:.2f}): it "

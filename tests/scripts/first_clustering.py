@@ -1,7 +1,8 @@
 """Fit one epoch (DDP when devices > 1) and save each rank's first clustering and SCAN state.
 
-Usage: python first_clustering.py <out dir> <devices> <image folder>. Lightning's DDP launcher
-re-runs this script for the other ranks, which is why it is a script and not a test function.
+Usage: python first_clustering.py <out dir> <devices> <image folder> [sharded]. Lightning's DDP
+launcher re-runs this script for the other ranks, which is why it is a script and not a test
+function. With ``sharded``: ``cluster=sharded`` and no SCAN; the final clustering is saved too.
 """
 
 import sys
@@ -37,25 +38,34 @@ class SaveFirstClustering(L.Callback):
             module.make_views = record_then_augment
 
     def on_train_end(self, trainer, module) -> None:
-        scan = module.tasks["scan"]
         name = f"rank{trainer.global_rank}_of{trainer.world_size}"
+        if "scan" not in module.tasks:
+            return
+        scan = module.tasks["scan"]
         torch.save({"neighbours": scan.neighbours, "head_losses": scan.head_losses.cpu(),
                     "answer": module.answer()}, self.out / f"{name}_scan.pt")
 
 
 def main() -> None:
     out, devices, root = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    sharded = sys.argv[4:] == ["sharded"]
     overrides = [*tiny_folder_overrides(Path(root)), "trainer.max_epochs=1",
                  "trainer.accelerator=cpu", f"trainer.devices={devices}",
-                 f"data.batch_size={16 // devices}", "data.eval_batch_size=8", "~logger",
-                 "task=[cluster,rotation,contrastive,scan]", "task.scan.start_epoch=0",
-                 "task.scan.num_neighbors=3", "task.scan.num_heads=2"]
+                 f"data.batch_size={16 // devices}", "data.eval_batch_size=8", "~logger"]
+    if sharded:
+        overrides += ["task=[cluster,rotation]", "cluster=sharded", "cluster.pca_sample=20"]
+    else:
+        overrides += ["task=[cluster,rotation,contrastive,scan]", "task.scan.start_epoch=0",
+                      "task.scan.num_neighbors=3", "task.scan.num_heads=2"]
     if devices > 1:
         overrides += ["trainer.strategy=ddp"]
     cfg = compose_cfg(out / f"run{devices}", overrides)
     run = build_run(cfg)
     run.trainer.callbacks.insert(1, SaveFirstClustering(out))  # right after the pseudo-labels
     run.trainer.fit(run.module, datamodule=run.datamodule)
+    if sharded:
+        torch.save(run.module.cluster_state.state_dict(),
+                   out / f"final_rank{run.trainer.global_rank}_of{devices}.pt")
 
 
 if __name__ == "__main__":
