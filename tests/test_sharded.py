@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 from torchmetrics.functional.clustering import normalized_mutual_info_score
 
 from mtl_unsup.clustering.kmeans import cluster_features
-from mtl_unsup.clustering.sharded import sample_indices, sharded_kmeans
+from mtl_unsup.clustering.sharded import _assign, assign_matmul, sample_indices, sharded_kmeans
 
 
 def blobs(n: int = 600, k: int = 6, dim: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,3 +85,11 @@ def test_two_processes_give_the_labels_of_one(tmp_path):
         assert torch.allclose(two["centroids"], one.centroids, atol=1e-6)
         assert torch.equal(two["pca_proj"], one.pca_proj)
     assert len(one.labels.unique()) == 7
+
+
+def test_the_matrix_product_assignment_for_gpus_matches_faiss():
+    x, c = noise(500, 8), noise(9, 8) * 0.5
+    faiss_labels, faiss_d2 = _assign(x, c)  # CPU rows: FAISS
+    labels, d2 = assign_matmul(x, c, chunk=128)  # what a GPU runs, here on the CPU
+    assert torch.equal(labels, faiss_labels)
+    assert torch.allclose(d2, faiss_d2, atol=1e-4)

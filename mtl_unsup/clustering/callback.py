@@ -114,7 +114,8 @@ class PseudoLabelCallback(L.Callback):
     def sharded_context(self, trainer: L.Trainer, module: L.LightningModule) -> ShardedContext:
         shard, index = shard_features(trainer, module)
         return ShardedContext(shard, index, trainer.datamodule.num_train, trainer.current_epoch,
-                              self.seed, self.settings, trainer.datamodule.fingerprint, k=module.k)
+                              self.seed, self.settings, trainer.datamodule.fingerprint, k=module.k,
+                              device=module.device)
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self.settings.sharded:

@@ -113,6 +113,12 @@ def whiten(features: torch.Tensor, pca_dim: int | None) -> tuple[torch.Tensor, t
     return torch.nn.functional.normalize((features - mean) @ proj, dim=1), mean, proj
 
 
+def faiss_gpus() -> int:
+    """GPUs FAISS can use (0 with ``faiss-cpu``; ``faiss-gpu`` on a machine with GPUs runs
+    k-means on one of them)."""
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
 def run_kmeans(
     x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
     init: torch.Tensor | None = None,
@@ -126,7 +132,7 @@ def run_kmeans(
         raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {n} points")
     data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
     km = faiss.Kmeans(d, k, niter=niter, nredo=1 if init is not None else nredo,
-                      seed=int(seed) % (2**31), verbose=False,
+                      seed=int(seed) % (2**31), verbose=False, gpu=1 if faiss_gpus() else False,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, n // k + 1))
     if init is not None:
         km.train(data, init_centroids=np.ascontiguousarray(init.cpu().numpy(), dtype=np.float32))

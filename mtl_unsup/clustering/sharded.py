@@ -58,9 +58,10 @@ def sample_indices(num_rows: int, sample: int, seed: int) -> torch.Tensor:
 
 def gather_sample(shard: torch.Tensor, index: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
     """The rows of ``wanted`` (sorted dataset indices), gathered from the ranks that hold them,
-    as float32 in the order of ``wanted``; every rank gets them (a collective)."""
+    in the shard's type (float16 halves what is sent) and the order of ``wanted``; every rank
+    gets them (a collective)."""
     mask = torch.isin(index, wanted)
-    rows = _gather(shard[mask].float())
+    rows = _gather(shard[mask])
     where = _gather(index[mask])
     if bool((where[1:] < where[:-1]).any()):
         rows = rows[where.argsort()]
@@ -99,11 +100,31 @@ def project(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, chunk: int 
     return out
 
 
-def _assign(x: np.ndarray, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids.numpy(), dtype=np.float32))
-    dist2, labels = index.search(x, 1)
-    return torch.from_numpy(labels[:, 0].astype(np.int64)), torch.from_numpy(dist2[:, 0].astype(np.float64))
+Assignment = tuple[torch.Tensor, torch.Tensor]
+
+
+def _assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> Assignment:
+    """Nearest centroid of each row of ``x`` and the squared distance to it (float64, CPU):
+    FAISS on CPU rows, chunked matrix products on the device where ``x`` lives (a GPU)."""
+    if x.device.type == "cpu":
+        index = faiss.IndexFlatL2(centroids.shape[1])
+        index.add(np.ascontiguousarray(centroids.numpy(), dtype=np.float32))
+        dist2, labels = index.search(np.ascontiguousarray(x.numpy(), dtype=np.float32), 1)
+        return (torch.from_numpy(labels[:, 0].astype(np.int64)),
+                torch.from_numpy(dist2[:, 0].astype(np.float64)))
+    return assign_matmul(x, centroids, chunk)
+
+
+def assign_matmul(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> Assignment:
+    """:func:`_assign` by chunked matrix products on ``x``'s device."""
+    c = centroids.to(x.device)
+    labels, dist2 = [], []
+    for part in x.split(chunk):
+        d = (part.pow(2).sum(1, keepdim=True) - 2 * part @ c.t() + c.pow(2).sum(1)).clamp(min=0)
+        best, label = d.min(1)
+        labels.append(label.cpu())
+        dist2.append(best.double().cpu())
+    return torch.cat(labels), torch.cat(dist2)
 
 
 def _split_empty(centroids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -124,18 +145,18 @@ def lloyd(x: torch.Tensor, init: torch.Tensor, niter: int,
     """``niter`` Lloyd iterations over the rows of every rank from centroids ``init`` (the same on
     every rank); returns this rank's labels, the centroids and the global objective."""
     k = len(init)
-    data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     centroids = init.float()
     for _ in range(niter):
-        labels, _ = _assign(data, centroids)
-        sums = torch.zeros(k, x.shape[1], dtype=torch.float64)
+        labels, _ = _assign(x, centroids)
+        sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
         for lo in range(0, len(x), chunk):
-            sums.index_add_(0, labels[lo : lo + chunk], x[lo : lo + chunk].double())
+            sums.index_add_(0, labels[lo : lo + chunk].to(x.device), x[lo : lo + chunk].double())
+        sums = sums.cpu()
         counts = _all_reduce(torch.bincount(labels, minlength=k).double())
         sums = _all_reduce(sums)
         moved = (sums / counts.clamp(min=1).unsqueeze(1)).float()
         centroids = _split_empty(torch.where(counts.unsqueeze(1) > 0, moved, centroids), counts)
-    labels, dist2 = _assign(data, centroids)
+    labels, dist2 = _assign(x, centroids)
     objective = float(_all_reduce(dist2.sum().reshape(1))[0])
     return labels, centroids, objective
 
@@ -144,6 +165,7 @@ def lloyd(x: torch.Tensor, init: torch.Tensor, niter: int,
 def sharded_kmeans(
     shard: torch.Tensor, index: torch.Tensor, num_rows: int, k: int, pca_dim: int | None = 32,
     niter: int = 20, nredo: int = 1, seed: int = 0, epoch: int = 0, sample: int = 100_000,
+    device: str | torch.device = "cpu",
 ) -> ClusterState:
     """PCA-whiten, L2-normalise and k-means rows held across ranks (a collective: every rank
     calls it with its own rows); every rank gets the same :class:`ClusterState`, labels by
@@ -155,6 +177,8 @@ def sharded_kmeans(
             ``0 .. num_rows - 1`` exactly once.
         sample: rows the whitening and the initial centroids are fitted on (all when fewer).
         nredo: starts (k-means on the sample with different seeds); the lowest objective wins.
+        device: where Lloyd's iterations run: the CPU (FAISS), or the rank's GPU, which then
+            holds the whitened rows (``n_rank x pca_dim`` float32).
     """
     if not 2 <= k <= num_rows:
         raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {num_rows} points")
@@ -166,7 +190,7 @@ def sharded_kmeans(
     picked = gather_sample(shard, index, sample_indices(num_rows, sample, seed))
     mean, proj = fit_whitening(picked, pca_dim)
     picked = project(picked, mean, proj)
-    x = project(shard, mean, proj)
+    x = project(shard, mean, proj).to(device)
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
     for start in range(max(1, nredo)):
         _, init, _ = run_kmeans(picked, k, niter=niter, seed=seed + epoch + start)
@@ -175,6 +199,7 @@ def sharded_kmeans(
             best = found
     assert best is not None
     labels, centroids, _ = best
+    centroids = centroids.cpu()
     everyone = torch.empty(num_rows, dtype=torch.long)
     everyone[_gather(index)] = _gather(labels)
     return ClusterState(everyone, centroids, mean, proj, epoch)
@@ -197,13 +222,15 @@ class ShardedContext:
     settings: ClusterSettings
     fingerprint: str = ""
     k: int = 0
+    device: str | torch.device = "cpu"
     _kmeans: dict[int, ClusterState] = field(default_factory=dict)
 
     def kmeans(self, k: int) -> ClusterState:
         if k not in self._kmeans:
             s = self.settings
             state = sharded_kmeans(self.shard, self.index, self.num_rows, k, s.pca_dim, s.niter, s.nredo,
-                                   seed=self.seed, epoch=self.epoch, sample=s.pca_sample)
+                                   seed=self.seed, epoch=self.epoch, sample=s.pca_sample,
+                                   device=self.device)
             state.fingerprint = self.fingerprint
             self._kmeans[k] = state
         return self._kmeans[k]
