@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from mtl_unsup.clustering.kmeans import run_kmeans, whiten
-from mtl_unsup.config import ConfigValueError
+from mtl_unsup.config import BASELINES, ConfigValueError
 from mtl_unsup.metrics import score_clustering
 
-BASELINES = ("kmeans", "agglomerative", "hdbscan")
+__all__ = ["BASELINES", "check_baselines", "comparison_table", "run_baseline", "score_labels"]
 MAX_POINTS = 10_000
 
 

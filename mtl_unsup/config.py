@@ -66,6 +66,8 @@ class DataConfig:
     embedding_cache: bool = True
     # ... and this many augmented copies per view of each training image (0: plain features)
     embedding_copies: int = 0
+    # at most this many images per split, a seeded sample (debug runs); null: all
+    limit: int | None = None
 
 
 @dataclass
@@ -87,6 +89,7 @@ class EmbeddingDataConfig:
     batch_size: int = 1024
     eval_batch_size: int = 4096
     drop_last: bool = True
+    limit: int | None = None
 
 
 @dataclass
@@ -200,6 +203,7 @@ class TrainConfig:
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = None
+    callbacks: Any = None
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
@@ -211,6 +215,10 @@ class TrainConfig:
     pictures: bool = True
     channels_last: bool = True
     optimized_metric: str | None = "val/silhouette"
+
+
+# mtl-evaluate's baselines on the model's features (mtl_unsup.baselines)
+BASELINES = ("kmeans", "agglomerative", "hdbscan")
 
 
 class ConfigValueError(UserError, ValueError):
@@ -261,6 +269,9 @@ def check_config(cfg: Any) -> None:
     problems += trainer_problems(cfg.trainer)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
+    from mtl_unsup.extensions import check_extensions
+
+    check_extensions(cfg)
 
 
 K_CRITERIA = ("silhouette", "calinski_harabasz", "davies_bouldin")
@@ -287,7 +298,7 @@ def max_clusters(cluster: Any) -> int:
 
 def cluster_problems(cluster: Any) -> list[str]:
     """The ``cluster`` group's assignment settings (see ``mtl_unsup.clustering.refresh``)."""
-    from mtl_unsup.clustering.refresh import ClusterSettings
+    from mtl_unsup.clustering.settings import ClusterSettings
 
     try:
         ClusterSettings.from_config(cluster)
@@ -342,7 +353,7 @@ def trainer_problems(trainer: Any) -> list[str]:
     if not _devices(trainer.devices):
         problems.append(f"trainer.devices={trainer.devices!r}: use a count (2), a list of indices "
                         '([0,1]) or a string (auto, "0,1", -1).')
-    allowed = _lightning_precisions()
+    allowed = _lightning_precisions() if trainer.precision != "32-true" else set()  # loads Lightning
     if allowed and trainer.precision not in allowed:
         problems.append(f"trainer.precision={trainer.precision!r}: use one of "
                         f"{', '.join(sorted(map(str, allowed)))}.")

@@ -33,3 +33,16 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
+
+
+def lightning_prints_once() -> None:
+    """Lightning's messages, printed once and plain, as when it is imported before any logging
+    is set up: then it gives ``lightning.pytorch`` and ``lightning.fabric`` a handler of their own
+    and stops them there. Imported after Hydra has put its handlers on the root logger (the
+    commands load Lightning only once the config is valid), it would send each message both to
+    its own ``INFO:`` handler and to Hydra's."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+        logger.propagate = False

@@ -16,6 +16,7 @@ import numpy as np
 
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.images import load_image
+from mtl_unsup.history import HISTORY
 from mtl_unsup.inference import Predictions, predict_loader
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.visualize import save_pictures
@@ -59,5 +60,5 @@ def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: Em
         part, p = datamodule.splits[split], preds[split]
         labels = np.asarray(part.labels) if part.has_labels else None
         save_pictures(out_dir / "pictures", viewable(part.paths), p.clusters, p.confidence, p.features,
-                      labels, part.classes, out_dir / "csv" / "metrics.csv")
+                      labels, part.classes, out_dir / HISTORY)
     return path

@@ -18,23 +18,18 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from mtl_unsup.baselines import BASELINES, check_baselines, comparison_table, run_baseline, score_labels
 from mtl_unsup.cli import hydra_command
-from mtl_unsup.config import ConfigValueError, PathsConfig, TrainingOnly, register_configs
-from mtl_unsup.data.images import DataError
-from mtl_unsup.embedding_outputs import viewable
-from mtl_unsup.inference import model_from_checkpoint
-from mtl_unsup.metrics import score_clustering
-from mtl_unsup.model_inputs import Inputs, run_model
+from mtl_unsup.config import BASELINES, ConfigValueError, PathsConfig, TrainingOnly, register_configs
 from mtl_unsup.predict import refuse_to_overwrite
-from mtl_unsup.visualize import save_pictures
+
+if TYPE_CHECKING:  # torch loads when the command runs, not for --help or a config error
+    from mtl_unsup.model_inputs import Inputs
 
 
 @dataclass
@@ -65,6 +60,8 @@ def knn_accuracy(features: np.ndarray, labels: np.ndarray, k: int) -> float:
     ``k`` is cut to one less than the smallest class's size, so that even perfectly separated
     features can win every vote (20 neighbours among classes of 10 images would not).
     """
+    import torch
+
     x = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=1)
     y = torch.from_numpy(labels).long()
     counts = torch.bincount(y)
@@ -101,6 +98,8 @@ def score_baselines(names: list[str], features: np.ndarray, labels: np.ndarray, 
     ``k`` is the run's number of clusters (chosen by the run with ``cluster.k=auto``). Returns the
     ``eval/<baseline>/<metric>`` entries and the rows of the comparison table.
     """
+    from mtl_unsup.baselines import run_baseline, score_labels
+
     result, rows = {}, []
     if names and len(features) < k:
         print(f"baselines skipped: {len(features)} images are fewer than cluster.k={k}")
@@ -119,6 +118,16 @@ def score_baselines(names: list[str], features: np.ndarray, labels: np.ndarray, 
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    import torch
+
+    from mtl_unsup.baselines import check_baselines, comparison_table
+    from mtl_unsup.data.images import DataError
+    from mtl_unsup.embedding_outputs import viewable
+    from mtl_unsup.inference import model_from_checkpoint
+    from mtl_unsup.metrics import score_clustering
+    from mtl_unsup.model_inputs import run_model
+    from mtl_unsup.visualize import save_pictures
+
     baselines = check_baselines(cfg.baselines)
     if cfg.hdbscan_min_cluster_size is not None and cfg.hdbscan_min_cluster_size < 2:
         raise ConfigValueError(f"hdbscan_min_cluster_size={cfg.hdbscan_min_cluster_size}: must be >= 2, "

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
@@ -28,8 +28,10 @@ from omegaconf import MISSING, DictConfig
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.config import ConfigValueError, PathsConfig, TrainingOnly, register_configs
 from mtl_unsup.errors import UserError
-from mtl_unsup.inference import Predictions, model_from_checkpoint
-from mtl_unsup.model_inputs import Inputs, run_model
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help or a config error
+    from mtl_unsup.inference import Predictions
+    from mtl_unsup.model_inputs import Inputs
 
 log = logging.getLogger(__name__)
 SORT_MODES = ("none", "copy", "symlink")
@@ -117,6 +119,9 @@ def predict(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir)
     if not cfg.overwrite:
         refuse_to_overwrite(output_paths(out_dir, cfg.save_embeddings, cfg.sort))
+    from mtl_unsup.inference import model_from_checkpoint
+    from mtl_unsup.model_inputs import run_model
+
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
 
     def sortable(inputs: Inputs) -> None:  # checked before the model runs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,16 +91,18 @@ def embedding_2d(features: np.ndarray, clusters: np.ndarray, labels: np.ndarray 
     return _save(fig, out)
 
 
-def training_curves(metrics_csv: Path, out: Path) -> Path:
-    """Per-task losses and clustering quality (ACC/NMI) over epochs, from the CSV log."""
-    rows = list(csv.DictReader(metrics_csv.read_text().splitlines()))
+def training_curves(history: Path, out: Path) -> Path:
+    """Per-task losses and clustering quality (ACC/NMI) over epochs, from ``epochs.jsonl`` (see
+    :mod:`mtl_unsup.history`)."""
+    from mtl_unsup.history import read_history
+
     series: dict[str, dict[int, float]] = {}
-    for row in rows:
-        epoch = int(float(row.get("epoch") or 0))
+    for row in read_history(history):
+        epoch = int(row["epoch"])
         for key, value in row.items():
-            if value and (key.startswith("train/loss") or key in (
+            if key.startswith("train/loss") or key in (
                     "cluster/train_acc", "cluster/train_nmi", "val/acc", "val/nmi", "val/kmeans_acc",
-                    "val/silhouette")):
+                    "val/silhouette"):
                 series.setdefault(key, {})[epoch] = float(value)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, points in sorted(series.items()):
@@ -140,7 +141,7 @@ def _save(fig: plt.Figure, out: Path) -> Path:
 
 def save_pictures(out_dir: Path, paths: Sequence[Path] | None, clusters: np.ndarray, confidence: np.ndarray,
                   features: np.ndarray, labels: np.ndarray | None = None,
-                  class_names: Sequence[str] = (), metrics_csv: Path | None = None) -> list[Path]:
+                  class_names: Sequence[str] = (), history: Path | None = None) -> list[Path]:
     """Every picture that applies: grid (with image paths), confusion (with labels), embedding,
     curves (with a log)."""
     written = [cluster_grid(paths, clusters, confidence, out_dir / "cluster_grid.png")] if paths else []
@@ -150,6 +151,6 @@ def save_pictures(out_dir: Path, paths: Sequence[Path] | None, clusters: np.ndar
     if len(features) >= 10:
         written.append(embedding_2d(features, clusters, labels if has_labels else None,
                                     out_dir / "embedding.png"))
-    if metrics_csv is not None and metrics_csv.is_file():
-        written.append(training_curves(metrics_csv, out_dir / "training_curves.png"))
+    if history is not None and history.is_file():
+        written.append(training_curves(history, out_dir / "training_curves.png"))
     return written

@@ -145,7 +145,8 @@ def measure(overrides: list[str], out: Path) -> dict[str, float]:
     gflops = matmul_gflops()
     floor = 2 * n * k * d * cfg.cluster.niter * cfg.cluster.nredo / (gflops * 1e9)
     return {
-        "setup_seconds": setup, "decode_seconds": decode, "train_images": n, "steps_per_epoch": epoch["steps"],
+        "setup_seconds": setup, "decode_seconds": decode, "train_images": n,
+        "steps_per_epoch": epoch["steps"],
         "framework_epoch_seconds": epoch["epoch"], "bare_epoch_seconds": bare,
         "framework_vs_bare": bare / epoch["epoch"],
         "loader_wait_share": epoch["wait"] / (epoch["wait"] + epoch["step"]),

@@ -91,8 +91,9 @@ def fit_whitening(sample: torch.Tensor, dim: int | None, chunk: int = 8192,
     return mean.float(), (eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)).float()
 
 
-def project(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Rows of ``x`` (any float type) whitened and L2-normalised, as float32, chunk by chunk."""
+def project(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Rows of ``x`` (any float type) whitened and L2-normalised, as float32, chunk by chunk (a
+    chunk's float32 copies are the only memory beyond the result)."""
     out = torch.empty(len(x), proj.shape[1])
     for lo in range(0, len(x), chunk):
         part = (x[lo : lo + chunk].float() - mean) @ proj

@@ -16,7 +16,7 @@ from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.digits import write_digits_folder
 from mtl_unsup.data.embeddings import EmbeddingCache, EmbeddingDataset
 from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
-from mtl_unsup.data.loaders import SplitDataModule, seeded_split
+from mtl_unsup.data.loaders import SplitDataModule, limited, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class ImageFolderDataModule(SplitDataModule):
         invert: use ``1 - image`` (e.g. black digits on white, such as the MNIST PNG copies).
         cache: ``auto`` keeps each split decoded in memory (uint8) when all splits together take
             at most ``cache_max_gb``; ``memory`` always, ``none`` decodes on every read.
+        limit: at most this many images per split, a seeded sample taken before any image is
+            checked or decoded (debug runs; ``debug=fdr``, ``debug=limit``).
     """
 
     def __init__(
@@ -92,8 +94,11 @@ class ImageFolderDataModule(SplitDataModule):
         cache_max_gb: float = 2.0,
         embedding_cache: bool = True,
         embedding_copies: int = 0,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
+        if limit is not None and limit < 2:
+            raise DataError(f"data.limit={limit}: at least 2 images per split, or null for all.")
         if builtin is not None and builtin not in BUILTINS:
             raise DataError(f"data.builtin={builtin!r} is unknown; choose one of {BUILTINS}.")
         if channels not in (1, 3):
@@ -115,7 +120,7 @@ class ImageFolderDataModule(SplitDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
         self.on_bad_image, self.invert = on_bad_image, invert
-        self.cache, self.cache_max_gb = cache, cache_max_gb
+        self.cache, self.cache_max_gb, self.limit = cache, cache_max_gb, limit
         self.embedding_cache, self.embedding_copies = embedding_cache, embedding_copies
         use_memory_cache(cache, 0, channels, image_size, cache_max_gb)  # a typo fails here
         self._datasets: dict[str, ImageDataset | EmbeddingDataset] = {}  # one per split (_dataset)
@@ -161,6 +166,7 @@ class ImageFolderDataModule(SplitDataModule):
                 splits[name] = scan_folder(folder, self.labels, classes=train.classes)
             elif idx:
                 splits[name] = train.subset(idx)
+        splits = {k: v.subset(limited(len(v), self.limit, self.split_seed)) for k, v in splits.items()}
         self.splits = {k: drop_bad_images(v, self.on_bad_image, k) for k, v in splits.items()}
         log.info("Images: %s", {k: len(v) for k, v in self.splits.items()})
 

@@ -21,7 +21,7 @@ import torch
 from mtl_unsup.data.embedding_file import EmbeddingTable, read_embeddings
 from mtl_unsup.data.embeddings import EmbeddingDataset, PickCopy
 from mtl_unsup.data.images import DataError
-from mtl_unsup.data.loaders import SplitDataModule, seeded_split
+from mtl_unsup.data.loaders import SplitDataModule, limited, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,12 @@ class EmbeddingFileDataModule(SplitDataModule):
         batch_size: int = 1024,
         eval_batch_size: int = 4096,
         drop_last: bool = True,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
+        if limit is not None and limit < 2:
+            raise DataError(f"data.limit={limit}: at least 2 rows per split, or null for all.")
+        self.limit = limit
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise DataError("data.val_fraction and data.test_fraction must lie in [0, 1), their sum below 1.")
         self.path = path
@@ -102,7 +106,7 @@ class EmbeddingFileDataModule(SplitDataModule):
         for name, rows in zip(("train", "val", "test"), seeded_split(n, fractions, self.split_seed),
                               strict=True):
             if rows or name == "train":
-                rows = np.asarray(rows, dtype=np.int64)
+                rows = np.asarray(rows, dtype=np.int64)[limited(len(rows), self.limit, self.split_seed)]
                 self.splits[name] = RowSplit(
                     rows, None if table.paths is None else tuple(table.paths[i] for i in rows),
                     tuple(table.labels[i] for i in rows), table.classes)

@@ -31,6 +31,14 @@ def seeded_split(n: int, fractions: Sequence[float], seed: int) -> list[list[int
     return parts
 
 
+def limited(n: int, limit: int | None, seed: int) -> list[int]:
+    """Positions ``0 .. n-1``, or a seeded sample of ``limit`` of them (sorted) when there are more
+    (``data.limit``: small debug runs on a large folder)."""
+    if limit is None or n <= limit:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
 class SplitDataModule(L.LightningDataModule):
     """The loaders of a data module with ``train`` (and optionally ``val``/``test``) splits."""
 

@@ -237,6 +237,11 @@ class MultiTaskModule(L.LightningModule):
         key = [self.seed, self.global_rank, self.current_epoch, batch_idx]
         return int(np.random.SeedSequence(key).generate_state(1)[0])
 
+    def on_train_epoch_start(self) -> None:
+        if self.trainer.optimizers:  # the first parameter group's learning rate, for every logger
+            lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+            self.log("train/lr", lr, on_step=False, on_epoch=True, batch_size=1)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         active = {n: t for n, t in self.tasks.items() if t.active(self.current_epoch)}
         if not active:  # e.g. only a cluster task still in its warm-up: nothing to learn yet
