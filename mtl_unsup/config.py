@@ -54,8 +54,10 @@ class DataConfig:
     split_seed: int = 0
     batch_size: int = 256
     eval_batch_size: int = 512
-    num_workers: int = 0
-    pin_memory: bool = False
+    # loader processes for images read from disk (a split decoded in memory needs none): auto
+    # (one per core but one, at most 8) or a number; pin_memory auto: when training on a GPU
+    num_workers: Any = "auto"
+    pin_memory: Any = "auto"
     drop_last: bool = True
     on_bad_image: str = "skip"
     augmentations: dict[str, Any] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.embedding_file import read_embeddings
 from mtl_unsup.data.embeddings import EmbeddingDataset
 from mtl_unsup.data.images import DataError, drop_bad_images, scan_folder
+from mtl_unsup.data.loaders import loader_workers
 from mtl_unsup.errors import CheckpointError
 from mtl_unsup.inference import Predictions, predict_images, predict_loader
 from mtl_unsup.models.feature_input import FEATURES_TARGET
@@ -70,7 +71,8 @@ def run_model(module: MultiTaskModule, train_cfg: DictConfig, data: DictConfig, 
         images = read_images(data, purpose)
         inputs = Inputs(str(data.root), images.paths, images.labels, images.classes)
         check(inputs)
-        preds = predict_images(module, train_cfg, images, data.eval_batch_size, data.num_workers,
+        workers = loader_workers(data.num_workers)
+        preds = predict_images(module, train_cfg, images, data.eval_batch_size, workers,
                                progress=progress, device=pick_device(device))
         return inputs, preds
     if not on_rows:

@@ -272,3 +272,21 @@ def test_invert_turns_dark_strokes_on_white_into_light_on_black(tmp_path):
     plain, inverted = (float_transform(invert)(decode_transform(8)(image)) for invert in (False, True))
     assert torch.allclose(inverted, 1 - plain)
     assert inverted[0, 2, 3] == 1.0 and inverted[0, 0, 0] == 0.0
+
+
+def test_loader_workers_auto_follow_the_cores_and_the_ranks(tmp_path, monkeypatch):
+    from mtl_unsup.data import loaders
+
+    for cores, ranks, want in ((2, 1, 1), (16, 1, 8), (16, 4, 3), (1, 1, 1)):
+        monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)),
+                            raising=False)
+        assert loaders.loader_workers("auto", ranks) == want, (cores, ranks)
+    assert loaders.loader_workers(3, 4) == 3  # a number is taken as it is
+    folder = write_shapes(tmp_path / "d", per_class=4)
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda _pid: set(range(6)), raising=False)
+    assert make_dm(folder, cache="none").cluster_dataloader().num_workers == 5  # streamed: auto
+    assert make_dm(folder, cache="memory").cluster_dataloader().num_workers == 0  # decoded: none
+    assert make_dm(folder, cache="none").cluster_dataloader().pin_memory is False  # no GPU trainer
+    for key, value in (("num_workers", "many"), ("num_workers", -1), ("pin_memory", "yes")):
+        with pytest.raises(DataError, match=f"data.{key}"):
+            make_dm(folder, **{key: value})

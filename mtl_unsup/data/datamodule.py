@@ -84,8 +84,8 @@ class ImageFolderDataModule(SplitDataModule):
         split_seed: int = 0,
         batch_size: int = 256,
         eval_batch_size: int = 512,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
         drop_last: bool = True,
         on_bad_image: str = "skip",
         augmentations: Mapping[str, Sequence[Any]] | None = None,
@@ -109,6 +109,10 @@ class ImageFolderDataModule(SplitDataModule):
             raise DataError("data.val_fraction + data.test_fraction must be below 1.")
         if embedding_copies < 0:
             raise DataError(f"data.embedding_copies={embedding_copies}: must be >= 0 (0: plain features).")
+        if not (num_workers == "auto" or isinstance(num_workers, int) and num_workers >= 0):
+            raise DataError(f"data.num_workers={num_workers!r}: use auto or a number >= 0.")
+        if pin_memory not in ("auto", True, False):
+            raise DataError(f"data.pin_memory={pin_memory!r}: use auto, true or false.")
         if image_size < 4:
             raise DataError(f"data.image_size={image_size} is too small (at least 4).")
         self.root, self.builtin = root, builtin

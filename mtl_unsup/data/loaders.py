@@ -9,6 +9,7 @@ evaluation read the splits in order.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,15 @@ def limited(n: int, limit: int | None, seed: int) -> list[int]:
     if limit is None or n <= limit:
         return list(range(n))
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
+def loader_workers(num_workers: int | str, processes: int = 1) -> int:
+    """``data.num_workers``: a number, or ``auto``: one per core but one, at most 8, shared by
+    ``processes`` (the ranks of a node)."""
+    if num_workers != "auto":
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, (cores - 1) // max(1, processes)))
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -76,14 +86,27 @@ class SplitDataModule(L.LightningDataModule):
 
     def _workers(self, dataset: Dataset) -> int:
         """Loader processes: none for a decoded split or rows of features (a slice and a cast
-        need no worker, and workers started by spawn would copy the whole array)."""
-        return 0 if getattr(dataset, "decoded", True) is not None else self.num_workers
+        need no worker, and workers started by spawn would copy the whole array); for images
+        read from disk ``num_workers``, where ``auto`` is one per core but one (at most 8),
+        shared by the ranks of a node."""
+        if getattr(dataset, "decoded", True) is not None:
+            return 0
+        per_node = max(1, int(getattr(self.trainer, "num_devices", 1) or 1)) if self.trainer else 1
+        return loader_workers(self.num_workers, per_node)
+
+    @property
+    def _pin(self) -> bool:
+        """``pin_memory``; ``auto``: when the trainer runs on a GPU."""
+        if self.pin_memory != "auto":
+            return bool(self.pin_memory)
+        accelerator = getattr(self.trainer, "accelerator", None) if self.trainer else None
+        return type(accelerator).__name__ == "CUDAAccelerator"
 
     def _eval_loader(self, dataset: Dataset, sampler: Any = None) -> DataLoader:
         workers = self._workers(dataset)
         return DataLoader(
             dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=sampler,
-            num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
+            num_workers=workers, pin_memory=self._pin, persistent_workers=workers > 0,
             collate_fn=getattr(dataset, "collate", None),
         )
 
@@ -98,7 +121,7 @@ class SplitDataModule(L.LightningDataModule):
         workers = self._workers(dataset)
         return ResumableDataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last,
-            num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0,
+            num_workers=workers, pin_memory=self._pin, persistent_workers=workers > 0,
             generator=torch.Generator().manual_seed(sampler.seed),
             collate_fn=getattr(dataset, "collate_training", getattr(dataset, "collate", None)),
         )
