@@ -28,6 +28,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # torchmetrics builds NMI's contingency table as a sparse tensor without invariant checks.
     warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled")
+    # FAISS reports which CPU build it loaded, in eight INFO lines, once the run's logging is on.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                  "lightning_fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)

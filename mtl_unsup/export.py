@@ -51,14 +51,18 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
-def exportable(cfg: DictConfig) -> tuple[MultiTaskModule, DictConfig]:
-    """The checkpoint's model (eval mode) and its run config."""
+def check_format(cfg: DictConfig) -> None:
+    """``format`` is known and its package installed (before torch loads)."""
     if cfg.format not in FORMATS:
         raise ConfigValueError(f"format={cfg.format!r} is not one of {', '.join(FORMATS)}: pass e.g. "
                                "format=torchscript.")
     if cfg.format == "onnx" and find_spec("onnx") is None:
         raise ConfigValueError("format=onnx needs the onnx package: pip install 'mtl-unsup[export]' "
                                "(or pip install onnx), or pass format=torchscript.")
+
+
+def exportable(cfg: DictConfig) -> tuple[MultiTaskModule, DictConfig]:
+    """The checkpoint's model (eval mode) and its run config."""
     from mtl_unsup.inference import model_from_checkpoint
 
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
@@ -103,6 +107,7 @@ def description(module: MultiTaskModule, train_cfg: DictConfig, cfg: DictConfig,
 
 def export(cfg: DictConfig) -> Path:
     """Write the models ``cfg`` asks for; returns the output folder."""
+    check_format(cfg)
     import torch
 
     with torch.no_grad():

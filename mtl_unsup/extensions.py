@@ -14,13 +14,14 @@ from omegaconf import DictConfig
 
 from mtl_unsup.config import ConfigValueError
 
-# class name -> (module it needs, the extra that installs it)
+# class name -> (modules it needs, the extra that installs them); MLflow's SQLite store (the
+# default tracking_uri) needs SQLAlchemy and Alembic, which mlflow-skinny leaves out
 NEEDS = {
-    "TensorBoardLogger": ("tensorboard", "tensorboard"),
-    "WandbLogger": ("wandb", "wandb"),
-    "MLFlowLogger": ("mlflow", "mlflow"),
-    "RichProgressBar": ("rich", "rich"),
-    "RichModelSummary": ("rich", "rich"),
+    "TensorBoardLogger": (("tensorboard",), "tensorboard"),
+    "WandbLogger": (("wandb",), "wandb"),
+    "MLFlowLogger": (("mlflow", "sqlalchemy", "alembic"), "mlflow"),
+    "RichProgressBar": (("rich",), "rich"),
+    "RichModelSummary": (("rich",), "rich"),
 }
 
 
@@ -46,15 +47,20 @@ def check_extensions(cfg: DictConfig) -> None:
     if "lr_monitor" in callbacks and not cfg.get("logger"):
         raise ConfigValueError("callbacks.lr_monitor writes to a logger, and logger is off: add one "
                                "(logger=csv) or drop lr_monitor (train/lr is logged anyway).")
+    stopping = callbacks.get("early_stopping")
+    if stopping is not None and "loss" in str(stopping.get("monitor")) and stopping.get("mode") == "max":
+        raise ConfigValueError(f"callbacks.early_stopping.monitor={stopping.monitor} falls as training "
+                               "improves: add callbacks.early_stopping.mode=min.")
     if "rich_progress_bar" in callbacks and cfg.trainer.get("enable_progress_bar") is False:
         raise ConfigValueError("callbacks.rich_progress_bar is a progress bar, and "
                                "trainer.enable_progress_bar=false: drop one of them.")
     for key in ("logger", "callbacks"):
         for name, entry in _entries(cfg.get(key), key).items():
-            module, extra = NEEDS.get(str(entry._target_).rsplit(".", 1)[-1], (None, None))
-            if module and find_spec(module) is None:
-                raise ConfigValueError(f"{key}.{name} needs the {module} package: pip install "
-                                       f"'mtl-unsup[{extra}]' (or drop it from {key}=[...]).")
+            modules, extra = NEEDS.get(str(entry._target_).rsplit(".", 1)[-1], ((), None))
+            for module in modules:
+                if find_spec(module) is None:
+                    raise ConfigValueError(f"{key}.{name} needs the {module} package: pip install "
+                                           f"'mtl-unsup[{extra}]' (or drop it from {key}=[...]).")
 
 
 def build_loggers(cfg: DictConfig) -> list[Any] | bool:

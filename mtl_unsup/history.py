@@ -1,9 +1,12 @@
 """Every epoch's logged metrics in ``epochs.jsonl``, whichever loggers are on (or none).
 
 The pictures (training curves) and the report read this file, so switching the logger to
-TensorBoard, W&B or MLflow loses nothing. One JSON object a line: ``epoch``, ``step`` and every
-scalar metric logged so far (training losses, learning rate, clustering statistics, validation).
-A resumed run appends to the same file; :func:`read_history` keeps the last line of each epoch.
+TensorBoard, W&B or MLflow loses nothing. One JSON object a line: ``epoch``, ``step`` and the
+scalar metrics measured in that epoch: training losses and learning rate always, validation scores
+(``val/*``) when validation ran, clustering statistics (``cluster/*``) when the pseudo-labels were
+refreshed (Lightning keeps the last value of a metric until it is logged again; those are left
+out). A resumed run appends to the same file; :func:`read_history` keeps the last line of each
+epoch.
 """
 
 from __future__ import annotations
@@ -23,12 +26,23 @@ class EpochHistory(L.Callback):
 
     def __init__(self, out_dir: str | Path) -> None:
         self.path = Path(out_dir) / HISTORY
+        self.validated_epoch: int | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        row: dict[str, Any] = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        epoch = trainer.current_epoch
+        refreshed = any(getattr(c, "refreshed_epoch", None) == epoch for c in trainer.callbacks)
+        stale = tuple(prefix for prefix, fresh in (("val/", self.validated_epoch == epoch),
+                                                   ("cluster/", refreshed)) if not fresh)
+        row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step}
         for name, value in sorted(trainer.callback_metrics.items()):
+            if stale and name.startswith(stale):
+                continue
             try:
                 number = float(value)
             except (TypeError, ValueError):

@@ -21,9 +21,24 @@ register_configs()  # the schemas, before Hydra composes
 def main(cfg: DictConfig) -> float | None:
     """Train; return ``optimized_metric`` (label-free by default) for a Hydra sweeper."""
     check_config(cfg)  # before the heavy imports
+    from mtl_unsup.models.module import NonFiniteLossError
     from mtl_unsup.training import objective, train
 
-    return objective(cfg, train(cfg))
+    try:
+        return objective(cfg, train(cfg))
+    except NonFiniteLossError as err:
+        if not in_sweep():
+            raise
+        print(f"error: {err} This trial scores NaN; the sweep goes on.")
+        return float("nan")
+
+
+def in_sweep() -> bool:
+    """Whether this run is one job of a ``-m`` sweep (Hydra's multirun)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.clustering.refresh import ClusterSettings
+from mtl_unsup.clustering.sharded import check_sharded_tasks
 from mtl_unsup.config import ConfigValueError, check_config, max_clusters, register_configs
 from mtl_unsup.console import lightning_prints_once
 from mtl_unsup.data.datamodule import ImageFolderDataModule
@@ -274,8 +275,10 @@ def build_run(cfg: DictConfig) -> Run:
     """Instantiate data, model, callbacks and trainer from the composed config."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
     tasks = build_tasks(cfg)
+    if cfg.cluster.get("sharded"):  # before any image is read
+        check_sharded_tasks(tasks)
+    datamodule = build_datamodule(cfg)
     backbone = build_backbone(cfg, datamodule, tasks)
     check_selection(cfg, datamodule, tasks)
     check_schedule(cfg, tasks)
@@ -397,7 +400,17 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
         print(f"metrics:    {out_dir / 'metrics.json'}")
         if isinstance(datamodule, EmbeddingFileDataModule):
             print(f"clusters:   {predictions}")
+    finish_loggers(trainer)
     return metrics
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """Close a W&B run: the next run of the same process (a sweep's next job) starts its own
+    instead of logging into this one."""
+    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers) and trainer.is_global_zero:
+        import wandb
+
+        wandb.finish()
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -94,11 +94,25 @@ def test_a_file_that_fails_only_when_decoded_is_skipped_and_named_never_a_crash(
         assert str(bad["trunc"]) in str(record[0].message)
     else:  # streamed: a loader worker meets them, names them and goes on
         loader = dm.train_dataloader()
-    seen = torch.cat([batch["index"] for batch in loader])
-    assert len(seen) == 30 and not late & set(seen.tolist())  # left out of training
-    assert sorted(seen.tolist()) == sorted(set(range(32)) - late)
+    batches = list(loader)
+    # each failed item is replaced by another of its batch: every batch keeps its size (under DDP
+    # the ranks' batches must agree), and no blank image is trained on
+    assert [len(b["index"]) for b in batches] == [8, 8, 8, 8]
+    seen = torch.cat([b["index"] for b in batches])
+    assert bool(torch.cat([b["valid"] for b in batches]).all()) and not late & set(seen.tolist())
+    assert len(set(seen.tolist())) == 30
     evaluated = torch.cat([b["label"][~b["valid"]] for b in dm.split_loader("train")])
-    assert evaluated.tolist() == [-1, -1]  # kept in place (aligned by index), out of every score
+    assert evaluated.tolist() == [-1, -1]  # kept in place (aligned by index), out of the labelled scores
+
+
+def test_a_split_none_of_whose_images_decode_is_an_error(tmp_path):
+    root = tmp_path / "broken"
+    bad = write_bad_files(root / "x")
+    for name in ("zero", "text", "trunc_jpeg"):  # leave only files that fail when decoded
+        bad[name].unlink()
+    dm = make_dm(root, val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(DataError, match="None of the 2 images of the train set can be decoded"):
+        dm.train_dataloader()
 
 
 def test_bad_files_raise_when_asked(tmp_path):

@@ -39,10 +39,15 @@ def test_every_logger_writes_and_the_curves_need_none(shapes, tmp_path):
     rows = read_history(out / "epochs.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1]
     assert rows[0]["train/lr"] == pytest.approx(0.002) and "val/silhouette" in rows[1]
-    # no logger at all: the history, and the picture drawn from it, are still there
-    train(compose_cfg(tmp_path / "none", [*tiny_folder_overrides(shapes), "~logger", "pictures=true"]))
+    # no logger at all: the history, and the picture drawn from it, are still there; a metric
+    # appears in the epochs that measured it (validation every 2nd epoch, clustering from epoch 2)
+    sparse = ["~logger", "pictures=true", "trainer.max_epochs=4", "trainer.check_val_every_n_epoch=2",
+              "task.cluster.start_epoch=2"]
+    train(compose_cfg(tmp_path / "none", [*tiny_folder_overrides(shapes), *sparse]))
     assert not (tmp_path / "none" / "csv").exists()
-    assert len(read_history(tmp_path / "none" / "epochs.jsonl")) == 2
+    rows = read_history(tmp_path / "none" / "epochs.jsonl")
+    assert [("val/silhouette" in r, "cluster/size_min" in r, "train/loss" in r) for r in rows] == [
+        (False, False, True), (True, False, True), (False, True, True), (True, True, True)]
     assert (tmp_path / "none" / "pictures" / "training_curves.png").stat().st_size > 1000
 
 
@@ -71,6 +76,11 @@ def test_early_stopping_stops_on_a_label_free_metric_and_a_typo_is_named(shapes,
                                         "callbacks.early_stopping.monitor=val/silhouete"])
     with pytest.raises(ConfigValueError, match="early_stopping.monitor=val/silhouete.*Label-free"):
         build_run(typo)
+    loss = compose_cfg(tmp_path / "c", [*tiny_folder_overrides(tmp_path / "none"),
+                                        "callbacks=[early_stopping]",
+                                        "callbacks.early_stopping.monitor=train/loss"])
+    with pytest.raises(ConfigValueError, match="mode=min"):  # before any image is read
+        build_run(loss)
 
 
 def compose_with_hydra(overrides: list[str]):
@@ -113,7 +123,7 @@ def test_a_two_trial_optuna_search_optimises_the_label_free_objective(shapes, tm
     result = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     trials = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert result["best_value"] == pytest.approx(max(t["val/silhouette"] for t in trials))
-    # the search space of conf/hparams_search/optuna.yaml, less what the command fixed (pca_dim)
+    # the search space of conf/hparams_search/optuna.yaml, less what the command fixed (batch size)
     assert set(result["best_params"]) == {"optimizer.lr", "optimizer.weight_decay"}
 
 

@@ -61,11 +61,10 @@ def noise(n: int = 700, dim: int = 16) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(7))
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
+def _rank(rank: int, world: int, init: str, out: str, cut: int) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     x = noise()
-    # an uneven split, rows in a scrambled order
-    cut = 260
+    # an uneven split (rank 0 may hold nothing), rows in a scrambled order
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(11))
     mine = order[:cut] if rank == 0 else order[cut:]
     state = sharded_kmeans(x[mine], mine, len(x), k=7, pca_dim=6, niter=15, nredo=2, seed=3, sample=300)
@@ -77,13 +76,14 @@ def test_two_processes_give_the_labels_of_one(tmp_path):
     x = noise()
     one = sharded_kmeans(x, torch.arange(len(x)), len(x), k=7, pca_dim=6, niter=15, nredo=2, seed=3,
                          sample=300)
-    init, out = f"file://{tmp_path / 'store'}", str(tmp_path / "rank")
-    mp.spawn(_rank, args=(2, init, out), nprocs=2, join=True)
-    for rank in range(2):
-        two = torch.load(f"{out}{rank}.pt")
-        assert torch.equal(two["labels"], one.labels)
-        assert torch.allclose(two["centroids"], one.centroids, atol=1e-6)
-        assert torch.equal(two["pca_proj"], one.pca_proj)
+    for cut in (260, 0):  # 0: rank 0 holds no row and still takes part in every collective
+        init, out = f"file://{tmp_path / f'store{cut}'}", str(tmp_path / f"rank{cut}_")
+        mp.spawn(_rank, args=(2, init, out, cut), nprocs=2, join=True)
+        for rank in range(2):
+            two = torch.load(f"{out}{rank}.pt")
+            assert torch.equal(two["labels"], one.labels), (cut, rank)
+            assert torch.allclose(two["centroids"], one.centroids, atol=1e-6)
+            assert torch.equal(two["pca_proj"], one.pca_proj)
     assert len(one.labels.unique()) == 7
 
 
@@ -93,3 +93,22 @@ def test_the_matrix_product_assignment_for_gpus_matches_faiss():
     labels, d2 = assign_matmul(x, c, chunk=128)  # what a GPU runs, here on the CPU
     assert torch.equal(labels, faiss_labels)
     assert torch.allclose(d2, faiss_d2, atol=1e-4)
+
+
+def test_tasks_that_need_every_row_on_one_rank_are_refused_before_any_image_is_read(tmp_path):
+    from mtl_unsup.config import ConfigValueError
+    from mtl_unsup.train import build_run
+
+    from .conftest import compose_cfg, tiny_folder_overrides
+
+    cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(tmp_path / "no_images_here"), "cluster=sharded",
+                                 "task=[cluster,scan]"])
+    with pytest.raises(ConfigValueError, match="task scan needs nearest neighbours"):
+        build_run(cfg)
+
+
+def test_a_small_sample_is_raised_to_50_rows_per_cluster():
+    x, truth = blobs(n=400, k=4)
+    one = sharded_kmeans(x, torch.arange(400), 400, k=4, pca_dim=6, nredo=2, sample=10)
+    # 10 sampled rows could not start 4 clusters well; 200 (50 per cluster) do
+    assert normalized_mutual_info_score(one.labels, truth) == pytest.approx(1.0)

@@ -11,7 +11,7 @@ from torchmetrics.functional.clustering import normalized_mutual_info_score
 
 from mtl_unsup.clustering.kmeans import ClusterState, matching_permutation
 from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext
-from mtl_unsup.clustering.sharded import ShardedContext, check_sharded_tasks
+from mtl_unsup.clustering.sharded import ShardedContext
 from mtl_unsup.distributed import gather_rows
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import score_clustering
@@ -47,6 +47,8 @@ def shard_features(trainer: L.Trainer, module: L.LightningModule) -> tuple[torch
         for batch in loader:
             feats.append(module.features(batch["image"].to(module.device)).float().cpu())
             indices.append(batch["index"].cpu())
+    if not feats:  # more ranks than training images: this one holds none
+        return torch.empty(0, module.backbone.feature_dim), torch.empty(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(indices)
 
 
@@ -97,6 +99,7 @@ class PseudoLabelCallback(L.Callback):
             raise ValueError(f"cluster.every_n_epochs={every_n_epochs} must be >= 1.")
         self.k, self.settings = k, settings or ClusterSettings()
         self.every_n_epochs, self.seed = every_n_epochs, seed
+        self.refreshed_epoch: int | None = None  # the last epoch this run refreshed targets at
 
     def context(self, trainer: L.Trainer, module: L.LightningModule,
                 features: torch.Tensor) -> RefreshContext:
@@ -116,10 +119,6 @@ class PseudoLabelCallback(L.Callback):
         return ShardedContext(shard, index, trainer.datamodule.num_train, trainer.current_epoch,
                               self.seed, self.settings, trainer.datamodule.fingerprint, k=module.k,
                               device=module.device)
-
-    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self.settings.sharded:
-            check_sharded_tasks(dict(module.tasks))
 
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> dict:
         """Refresh the named tasks now; returns statistics of the new k-means."""
@@ -197,6 +196,7 @@ class PseudoLabelCallback(L.Callback):
         if not names:
             return
         stats = self.refresh(trainer, module, names)
+        self.refreshed_epoch = trainer.current_epoch
         for name, value in stats.items():
             module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
         rank_zero_info(f"epoch {trainer.current_epoch} clusters: "

@@ -121,9 +121,10 @@ def faiss_gpus() -> int:
 
 def run_kmeans(
     x: torch.Tensor, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
-    init: torch.Tensor | None = None,
+    init: torch.Tensor | None = None, gpu: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """FAISS k-means from ``init`` centroids or ``nredo`` random starts (the best is kept).
+    """FAISS k-means from ``init`` centroids or ``nredo`` random starts (the best is kept), on a
+    GPU when ``gpu`` and FAISS sees one.
 
     Returns labels, centroids and the final objective (sum of squared distances).
     """
@@ -132,7 +133,7 @@ def run_kmeans(
         raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {n} points")
     data = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
     km = faiss.Kmeans(d, k, niter=niter, nredo=1 if init is not None else nredo,
-                      seed=int(seed) % (2**31), verbose=False, gpu=1 if faiss_gpus() else False,
+                      seed=int(seed) % (2**31), verbose=False, gpu=1 if gpu and faiss_gpus() else False,
                       min_points_per_centroid=1, max_points_per_centroid=max(256, n // k + 1))
     if init is not None:
         km.train(data, init_centroids=np.ascontiguousarray(init.cpu().numpy(), dtype=np.float32))

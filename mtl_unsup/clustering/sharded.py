@@ -176,7 +176,8 @@ def sharded_kmeans(
         shard: ``(n_rank, D)`` this rank's features, any float type (float16 halves the memory).
         index: ``(n_rank,)`` their dataset indices; together the ranks hold each of
             ``0 .. num_rows - 1`` exactly once.
-        sample: rows the whitening and the initial centroids are fitted on (all when fewer).
+        sample: rows the whitening and the initial centroids are fitted on (at least 50 per
+            cluster; all when there are fewer, or when 0).
         nredo: starts (k-means on the sample with different seeds); the lowest objective wins.
         device: where Lloyd's iterations run: the CPU (FAISS), or the rank's GPU, which then
             holds the whitened rows (``n_rank x pca_dim`` float32).
@@ -188,13 +189,16 @@ def sharded_kmeans(
     held[_gather(index)] = True
     if not bool(held.all()) or int(_all_reduce(torch.tensor([len(index)]))[0]) != num_rows:
         raise ValueError(f"every dataset index 0..{num_rows - 1} must be held by exactly one rank")
+    if sample > 0:  # the initial k-means wants some 50 rows per cluster
+        sample = max(sample, 50 * k)
     picked = gather_sample(shard, index, sample_indices(num_rows, sample, seed))
     mean, proj = fit_whitening(picked, pca_dim)
     picked = project(picked, mean, proj)
     x = project(shard, mean, proj).to(device)
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
     for start in range(max(1, nredo)):
-        _, init, _ = run_kmeans(picked, k, niter=niter, seed=seed + epoch + start)
+        # on the CPU, the same on every rank (a GPU k-means on each rank would crowd one device)
+        _, init, _ = run_kmeans(picked, k, niter=niter, seed=seed + epoch + start, gpu=False)
         found = lloyd(x, init, niter)
         if best is None or found[2] < best[2]:
             best = found

@@ -224,13 +224,22 @@ class ImageFolderDataModule(SplitDataModule):
             if self.embeddings is None:
                 self._datasets[split] = self._image_dataset(split)
             else:
-                trainer = self.trainer
+                trainer, read = self.trainer, []
+
+                def images() -> Any:
+                    read.append(self._image_dataset(split))
+                    return self._eval_loader(read[-1])
+
                 features = self.embeddings.load_or_compute(
-                    split, self.split_fingerprint(split),
-                    loader=lambda: self._eval_loader(self._image_dataset(split)),
+                    split, self.split_fingerprint(split), loader=images,
                     barrier=trainer.strategy.barrier if trainer else lambda: None,
                     is_main=trainer.is_global_zero if trainer else True)
-                self._datasets[split] = EmbeddingDataset(features, self.splits[split].labels)
+                # a file that failed when decoded here was embedded blank: out of the scores (a
+                # features file from an earlier run does not say which those were)
+                labels = list(self.splits[split].labels)
+                for index in (read[0].unreadable if read else {}):
+                    labels[index] = -1
+                self._datasets[split] = EmbeddingDataset(features, tuple(labels))
         return self._datasets[split]
 
     def _image_dataset(self, split: str) -> ImageDataset:
@@ -238,12 +247,17 @@ class ImageFolderDataModule(SplitDataModule):
         decoded, unreadable = None, {}
         if self.caches_in_memory:
             decoded, unreadable = decode_images(images, self.channels, self.image_size)
+        if unreadable and len(unreadable) == len(images):
+            raise DataError(f"None of the {len(images)} images of the {split} set can be decoded (they "
+                            f"passed the header check), e.g. {images.paths[0]}: "
+                            f"{unreadable[0]}. Fix or replace the files.")
         if unreadable:
             listing = "\n".join(f"  {images.paths[i]}: {why}" for i, why in list(unreadable.items())[:50])
             more = f"\n  ... and {len(unreadable) - 50} more" if len(unreadable) > 50 else ""
             warnings.warn(f"Skipping {len(unreadable)} image(s) of the {split} set that passed the "
                           f"header check at setup but cannot be decoded:\n{listing}{more}\nThey are "
-                          "left out of training and of every score (data.on_bad_image=raise decodes "
-                          "every file before training instead).", stacklevel=2)
+                          "left out of training and of the scores that read labels "
+                          "(data.on_bad_image=raise decodes every file before training instead).",
+                          stacklevel=2)
         return ImageDataset(images, self.channels, self.image_size, self.invert, decoded=decoded,
                             unreadable=unreadable)

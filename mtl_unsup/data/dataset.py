@@ -47,9 +47,9 @@ class ImageDataset(Dataset):
 
     A file that passed the header check at setup but cannot be decoded (``unreadable``, found by
     the cache, or found here when streaming) keeps its index, so that every pass stays aligned by
-    dataset index: its item is a blank image with ``valid`` False and label -1 (left out of every
-    score), named in a warning once per process, and :meth:`collate_training` leaves it out of
-    training batches.
+    dataset index: its item is a blank image with ``valid`` False and label -1 (left out of the
+    scores that read labels), named in a warning once per process, and :meth:`collate_training`
+    keeps it out of training batches.
     """
 
     def __init__(self, images: ImageList, channels: int, image_size: int, invert: bool = False,
@@ -89,6 +89,11 @@ class ImageDataset(Dataset):
 
     @staticmethod
     def collate_training(items: list[dict[str, Any]]) -> dict[str, Any]:
-        """A training batch without the items that could not be decoded (all of them, blank,
-        in the unlikely case that none could)."""
-        return default_collate([item for item in items if item["valid"]] or items)
+        """A training batch in which each item that could not be decoded is replaced by a valid
+        item of the same batch: the batch keeps its size (under DDP every rank's batch must have
+        the same shape, for the gathered contrastive loss), and no blank image is trained on.
+        A batch with no valid item stays blank (label -1: out of the scores that read labels)."""
+        valid = [item for item in items if item["valid"]]
+        if valid and len(valid) < len(items):
+            items = [item if item["valid"] else valid[i % len(valid)] for i, item in enumerate(items)]
+        return default_collate(items)

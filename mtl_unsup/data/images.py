@@ -160,11 +160,26 @@ def load_image(path: str | Path, channels: int) -> Image.Image:
     16-bit and float images are rescaled to 8 bits instead of clipped; transparent images are
     composited on white; palette, CMYK and the rest go through Pillow's conversion.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:
-            im.load()
-            return to_mode(im, channels)
+    with open_checked(path) as im:
+        im.load()
+        return to_mode(im, channels)
+
+
+# Pillow warns about images over Image.MAX_IMAGE_PIXELS (and raises over twice that); open_checked
+# refuses them itself. A warnings filter made an error inside each call would not be thread-safe,
+# and the decoding runs in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module="PIL")
+
+
+def open_checked(path: str | Path) -> Image.Image:
+    """``Image.open`` (the header only), refusing an image over ``Image.MAX_IMAGE_PIXELS``."""
+    im = Image.open(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.size[0] * im.size[1] > limit:
+        im.close()
+        raise Image.DecompressionBombError(
+            f"{im.size[0]} x {im.size[1]} pixels, over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+    return im
 
 
 def to_mode(im: Image.Image, channels: int) -> Image.Image:
@@ -204,11 +219,9 @@ def _why_unreadable(path: Path, read: Callable[[Path], object]) -> str | None:
 
 
 def _read_header(path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as im:  # parses the header only: format, mode and size
-            if min(im.size) < 1:
-                raise ValueError(f"image of size {im.size}")
+    with open_checked(path) as im:  # parses the header only: format, mode and size
+        if min(im.size) < 1:
+            raise ValueError(f"image of size {im.size}")
 
 
 def try_load_image(path: Path, channels: int) -> tuple[Image.Image | None, str | None]:
@@ -259,7 +272,7 @@ def drop_bad_images(images: ImageList, on_bad: str, what: str, decode: bool | No
         return images
     start = time.perf_counter()
     bad = find_bad_images(images.paths, decode=on_bad == "raise" if decode is None else decode)
-    log.info("Checked the %d %s images in %.1f s", len(images), what, time.perf_counter() - start)
+    log.debug("Checked the %d %s images in %.1f s", len(images), what, time.perf_counter() - start)
     if not bad:
         return images
     listing = "\n".join(f"  {p}: {why}" for p, why in bad[:50])
