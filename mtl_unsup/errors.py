@@ -14,3 +14,8 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable, not one of mtl-unsup's, or of another model."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The weights diverged (a NaN or infinite loss, or features k-means cannot use); the run
+    stops with its last good checkpoint kept."""

@@ -21,7 +21,7 @@ register_configs()  # the schemas, before Hydra composes
 def main(cfg: DictConfig) -> float | None:
     """Train; return ``optimized_metric`` (label-free by default) for a Hydra sweeper."""
     check_config(cfg)  # before the heavy imports
-    from mtl_unsup.models.module import NonFiniteLossError
+    from mtl_unsup.errors import NonFiniteLossError
     from mtl_unsup.training import objective, train
 
     try:

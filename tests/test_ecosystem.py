@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -150,3 +151,19 @@ def test_help_and_config_errors_need_no_heavy_library(command, tmp_path):
     if command == "train":
         bad = run("cluster.every_n_epochs=0")
         assert bad.returncode == 2 and "cluster.every_n_epochs=0: must be >= 1" in bad.stderr
+
+
+def test_a_diverged_trial_scores_nan_and_the_sweep_goes_on(shapes, tmp_path):
+    from mtl_unsup.clustering.callback import check_finite
+    from mtl_unsup.models.module import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="weights have diverged"):
+        check_finite(torch.tensor([[0.0, float("nan")]]), epoch=3)
+    args = ["-m", *tiny_folder_overrides(shapes), "optimizer.lr=1e12,0.002", "scheduler=null",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", "print_config=false"]
+    proc = subprocess.run([sys.executable, "-m", "mtl_unsup.train", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "This trial scores NaN; the sweep goes on." in proc.stdout
+    assert not (tmp_path / "sweep" / "0" / "metrics.json").exists()
+    assert (tmp_path / "sweep" / "1" / "metrics.json").is_file()  # the next job ran

@@ -13,6 +13,7 @@ from mtl_unsup.clustering.kmeans import ClusterState, matching_permutation
 from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext
 from mtl_unsup.clustering.sharded import ShardedContext
 from mtl_unsup.distributed import gather_rows
+from mtl_unsup.errors import NonFiniteLossError
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import score_clustering
 
@@ -35,6 +36,21 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     out = torch.empty(datamodule.num_train, features.shape[1])
     out[index.cpu()] = features.cpu()
     return out
+
+
+def check_finite(features: torch.Tensor, epoch: int, sharded: bool = False) -> None:
+    """Stop, naming the cause, when the weights have diverged: k-means cannot cluster NaN or
+    infinite features (FAISS would fail with its own error). With ``sharded`` each rank holds
+    its own rows, and the ranks agree before any stops (a collective)."""
+    bad = torch.tensor([float((~torch.isfinite(features)).any())])
+    if sharded:
+        from mtl_unsup.clustering.sharded import _all_reduce
+
+        bad = _all_reduce(bad)
+    if bool(bad.item()):
+        raise NonFiniteLossError(
+            f"The training images' features are not finite at epoch {epoch}: the weights have "
+            "diverged, and they cannot be clustered.")
 
 
 @torch.no_grad()
@@ -116,6 +132,7 @@ class PseudoLabelCallback(L.Callback):
 
     def sharded_context(self, trainer: L.Trainer, module: L.LightningModule) -> ShardedContext:
         shard, index = shard_features(trainer, module)
+        check_finite(shard, trainer.current_epoch, sharded=True)
         return ShardedContext(shard, index, trainer.datamodule.num_train, trainer.current_epoch,
                               self.seed, self.settings, trainer.datamodule.fingerprint, k=module.k,
                               device=module.device)
@@ -135,6 +152,7 @@ class PseudoLabelCallback(L.Callback):
                 features[missing] = embed_rows(trainer, module, missing)
         if not from_bank:
             features = extract_features(trainer, module)
+        check_finite(features, trainer.current_epoch)
         payload = None
         if trainer.is_global_zero:
             ctx = self.context(trainer, module, features)
@@ -217,6 +235,7 @@ class PseudoLabelCallback(L.Callback):
             self.finish_sharded(trainer, module)
             return
         features = extract_features(trainer, module)
+        check_finite(features, trainer.current_epoch)
         payload = None
         if trainer.is_global_zero:
             ctx = self.context(trainer, module, features)

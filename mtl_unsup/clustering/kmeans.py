@@ -12,6 +12,8 @@ import faiss
 import numpy as np
 import torch
 
+from mtl_unsup.errors import NonFiniteLossError
+
 
 @dataclass
 class ClusterState:
@@ -81,6 +83,19 @@ def matching_permutation(labels: torch.Tensor, reference: torch.Tensor, k: int) 
     return permutation
 
 
+def eigh_of_features(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a feature covariance; features it cannot decompose (infinite, NaN
+    or astronomically large: the weights have diverged) stop the run, naming the cause."""
+    if not bool(torch.isfinite(cov).all()):
+        raise NonFiniteLossError("The features are not finite: the weights have diverged, and they "
+                                 "cannot be clustered.")
+    try:
+        return torch.linalg.eigh(cov)
+    except torch.linalg.LinAlgError as err:
+        raise NonFiniteLossError(f"The features cannot be whitened ({err}): the weights have most "
+                                 "likely diverged.") from None
+
+
 def fit_pca_whitening(
     x: torch.Tensor, dim: int | None, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +112,7 @@ def fit_pca_whitening(
     d = max(1, min(dim, full, n - 1))
     centred = x64 - mean
     cov = centred.t() @ centred / max(n - 1, 1)
-    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigh_of_features(cov)  # ascending
     eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
     proj = eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)
     return mean.float(), proj.float()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtl_unsup.clustering.kmeans import ClusterState, run_kmeans
+from mtl_unsup.clustering.kmeans import ClusterState, eigh_of_features, run_kmeans
 from mtl_unsup.clustering.refresh import ClusterSettings
 from mtl_unsup.distributed import collective_device, gather_rows, world
 
@@ -86,7 +86,7 @@ def fit_whitening(sample: torch.Tensor, dim: int | None, chunk: int = 8192,
         cov += centred.t() @ centred
     cov /= max(n - 1, 1)
     d = max(1, min(dim, full, n - 1))
-    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigh_of_features(cov)  # ascending
     eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
     return mean.float(), (eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)).float()
 
