@@ -25,15 +25,10 @@ def extract_features(trainer: L.Trainer, module: L.LightningModule) -> torch.Ten
     Each rank reads its shard; features are gathered with their dataset indices, and the
     duplicates that ``DistributedSampler`` pads in are dropped by writing rows by index.
     """
-    datamodule = trainer.datamodule
-    loader = datamodule.cluster_dataloader(trainer.world_size, trainer.global_rank)
-    feats, indices = [], []
-    with eval_mode(module), trainer.precision_plugin.forward_context():
-        for batch in loader:
-            feats.append(module.features(batch["image"].to(module.device)).float())
-            indices.append(batch["index"].to(module.device))
-    features, index = gather_rows(torch.cat(feats)), gather_rows(torch.cat(indices))
-    out = torch.empty(datamodule.num_train, features.shape[1])
+    shard, index = shard_features(trainer, module, pad=True)
+    features = gather_rows(shard.to(module.device))
+    index = gather_rows(index.to(module.device))
+    out = torch.empty(trainer.datamodule.num_train, shard.shape[1])
     out[index.cpu()] = features.cpu()
     return out
 
@@ -54,10 +49,12 @@ def check_finite(features: torch.Tensor, epoch: int, sharded: bool = False) -> N
 
 
 @torch.no_grad()
-def shard_features(trainer: L.Trainer, module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the training set's features (plain images, eval mode) and their
-    dataset indices; each image is on exactly one rank and nothing is gathered."""
-    loader = trainer.datamodule.cluster_dataloader(trainer.world_size, trainer.global_rank, pad=False)
+def shard_features(trainer: L.Trainer, module: L.LightningModule,
+                   pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the training set's features (plain images, eval mode, on the CPU)
+    and their dataset indices: each image on exactly one rank, or, with ``pad``, equal shares
+    with a few images repeated (``DistributedSampler``). Nothing is gathered."""
+    loader = trainer.datamodule.cluster_dataloader(trainer.world_size, trainer.global_rank, pad=pad)
     feats, indices = [], []
     with eval_mode(module), trainer.precision_plugin.forward_context():
         for batch in loader:
