@@ -134,12 +134,23 @@ class PseudoLabelCallback(L.Callback):
                               self.seed, self.settings, trainer.datamodule.fingerprint, k=module.k,
                               device=module.device)
 
+    def contexts(self, trainer: L.Trainer, module: L.LightningModule,
+                 features: torch.Tensor | None = None) -> RefreshContext | ShardedContext | None:
+        """The context the tasks read: with ``cluster.sharded``, every rank's own rows (a
+        collective); otherwise ``features`` (or a feature pass) on rank 0, None on the others."""
+        if self.settings.sharded:
+            return self.sharded_context(trainer, module)
+        if features is None:
+            features = extract_features(trainer, module)
+        check_finite(features, trainer.current_epoch)
+        return self.context(trainer, module, features) if trainer.is_global_zero else None
+
+    def shared(self, trainer: L.Trainer, payload: Any) -> Any:
+        """What rank 0 computed, on every rank (sharded contexts computed it on every rank)."""
+        return payload if self.settings.sharded else trainer.strategy.broadcast(payload, src=0)
+
     def refresh(self, trainer: L.Trainer, module: L.LightningModule, names: list[str]) -> dict:
         """Refresh the named tasks now; returns statistics of the new k-means."""
-        if self.settings.sharded:  # every rank computes, together: nothing to broadcast
-            ctx = self.sharded_context(trainer, module)
-            return self.adopt(trainer, module, names, ctx.kmeans(ctx.k),
-                              {n: module.tasks[n].refresh(ctx) for n in names})
         features, from_bank = None, False
         if module.feature_bank is not None:  # cluster.features=bank: no full pass once it fills
             features, written = module.feature_bank.gather()
@@ -147,15 +158,11 @@ class PseudoLabelCallback(L.Callback):
             if from_bank and not written.all():  # images drop_last has left out so far
                 missing = torch.nonzero(~written).squeeze(1)
                 features[missing] = embed_rows(trainer, module, missing)
-        if not from_bank:
-            features = extract_features(trainer, module)
-        check_finite(features, trainer.current_epoch)
-        payload = None
-        if trainer.is_global_zero:
-            ctx = self.context(trainer, module, features)
+        ctx, payload = self.contexts(trainer, module, features if from_bank else None), None
+        if ctx is not None:
             scores = ctx.choose_k() if self.auto else None
             payload = (ctx.kmeans(ctx.k), {n: module.tasks[n].refresh(ctx) for n in names}, scores)
-        state, states, scores = trainer.strategy.broadcast(payload, src=0)
+        state, states, scores = self.shared(trainer, payload)
         stats = self.adopt(trainer, module, names, state, states, scores)
         if module.feature_bank is not None:
             stats["cluster/from_bank"] = float(from_bank)
@@ -228,20 +235,14 @@ class PseudoLabelCallback(L.Callback):
         so. The final clusters are then renamed to agree with the answer head, so head and
         k-means speak of the same cluster numbers. Nothing here reads a label.
         """
-        if self.settings.sharded:
-            self.finish_sharded(trainer, module)
-            return
-        features = extract_features(trainer, module)
-        check_finite(features, trainer.current_epoch)
-        payload = None
-        if trainer.is_global_zero:
-            ctx = self.context(trainer, module, features)
+        ctx, payload = self.contexts(trainer, module), None
+        if ctx is not None:
             # with cluster.k=auto, k is chosen here only if no refresh chose it (the heads trained
             # at the k of the last refresh)
             scores = ctx.choose_k() if self.auto and module.cluster_state is None else None
             replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if t.weight > 0}
             payload = (ctx.kmeans(ctx.k), {n: r for n, r in replaced.items() if r is not None}, scores)
-        state, replaced, scores = trainer.strategy.broadcast(payload, src=0)
+        state, replaced, scores = self.shared(trainer, payload)
         if scores is not None:
             module.k_selection = scores
         module.adopt_task_states({n: s for n, (s, _) in replaced.items()}, reset_head=True,
@@ -249,25 +250,8 @@ class PseudoLabelCallback(L.Callback):
         for name, (_, why) in replaced.items():
             rank_zero_info(f"The {name} head {why}.")
         answer = module.answer()
-        if trainer.is_global_zero and answer is not None and module.head_sizes()[answer] == state.k:
-            with torch.no_grad(), eval_mode(module):
-                head = module.head_logits(features.to(module.device))[answer].argmax(1).cpu()
-            state = state.relabelled(matching_permutation(state.labels, head, state.k))
-        module.set_cluster_state(trainer.strategy.broadcast(state, src=0))
-
-    def finish_sharded(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        """:meth:`finish` with each rank holding only its rows: every rank runs the same steps."""
-        ctx = self.sharded_context(trainer, module)
-        replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if t.weight > 0}
-        replaced = {n: r for n, r in replaced.items() if r is not None}
-        state = ctx.kmeans(ctx.k)
-        module.adopt_task_states({n: s for n, (s, _) in replaced.items()}, reset_head=True,
-                                 head_init="centroids")
-        for name, (_, why) in replaced.items():
-            rank_zero_info(f"The {name} head {why}.")
-        answer = module.answer()
-        if answer is not None and module.head_sizes()[answer] == state.k:
+        if ctx is not None and answer is not None and module.head_sizes()[answer] == state.k:
             with torch.no_grad(), eval_mode(module):
                 head = ctx.argmax(lambda f: module.head_logits(f.to(module.device))[answer])
             state = state.relabelled(matching_permutation(state.labels, head, state.k))
-        module.set_cluster_state(state)
+        module.set_cluster_state(self.shared(trainer, state))

@@ -15,8 +15,6 @@ from mtl_unsup.clustering.bank import FeatureBank
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.errors import CheckpointError, NonFiniteLossError
-
-__all__ = ["MultiTaskModule", "NonFiniteLossError"]
 from mtl_unsup.models.evaluation import SplitRecorder, score_split
 from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch
