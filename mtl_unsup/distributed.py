@@ -27,12 +27,13 @@ def collective_device() -> torch.device:
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of ``x`` (the counts may differ), concatenated in rank order.
 
-    A collective: every rank must call it, whatever its data.
+    A collective: every rank must call it, whatever its data. The result is on ``x``'s device
+    (the rows travel through the GPU under NCCL).
     """
     _, size = world()
     if size == 1:
         return x
-    x = x.contiguous()
+    home, x = x.device, x.to(collective_device()).contiguous()
     count = torch.tensor([len(x)], device=x.device)
     counts = [torch.zeros_like(count) for _ in range(size)]
     dist.all_gather(counts, count)
@@ -41,7 +42,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)]).to(home)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -68,11 +69,17 @@ def gather_with_grad(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over ranks, on ``x``'s device (a collective: every rank must call it); ``x``
+    alone in one process."""
+    if world()[1] == 1:
+        return x
+    y = x.to(collective_device(), copy=True)
+    dist.all_reduce(y)
+    return y.to(x.device)
+
+
+@torch.no_grad()
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
     """``x`` averaged over ranks (a collective: every rank must call it); ``x`` alone in one process."""
-    _, size = world()
-    if size == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / size
+    return sum_over_ranks(x) / world()[1]

@@ -12,7 +12,7 @@ from torchmetrics.functional.clustering import normalized_mutual_info_score
 from mtl_unsup.clustering.kmeans import ClusterState, matching_permutation
 from mtl_unsup.clustering.refresh import ClusterSettings, RefreshContext
 from mtl_unsup.clustering.sharded import ShardedContext
-from mtl_unsup.distributed import gather_rows
+from mtl_unsup.distributed import gather_rows, sum_over_ranks
 from mtl_unsup.errors import NonFiniteLossError
 from mtl_unsup.inference import eval_mode
 from mtl_unsup.metrics import score_clustering
@@ -39,9 +39,7 @@ def check_finite(features: torch.Tensor, epoch: int, sharded: bool = False) -> N
     its own rows, and the ranks agree before any stops (a collective)."""
     bad = torch.tensor([float((~torch.isfinite(features)).any())])
     if sharded:
-        from mtl_unsup.clustering.sharded import _all_reduce
-
-        bad = _all_reduce(bad)
+        bad = sum_over_ranks(bad)
     if bool(bad.item()):
         raise NonFiniteLossError(
             f"The training images' features are not finite at epoch {epoch}: the weights have "

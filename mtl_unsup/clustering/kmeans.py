@@ -112,10 +112,15 @@ def fit_pca_whitening(
     d = max(1, min(dim, full, n - 1))
     centred = x64 - mean
     cov = centred.t() @ centred / max(n - 1, 1)
+    return mean.float(), whitening_projection(cov, d, eps)
+
+
+def whitening_projection(cov: torch.Tensor, d: int, eps: float = 1e-5) -> torch.Tensor:
+    """``(D, d)`` projection onto the top ``d`` principal axes of a covariance, scaled to unit
+    variance."""
     eigvals, eigvecs = eigh_of_features(cov)  # ascending
     eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
-    proj = eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)
-    return mean.float(), proj.float()
+    return (eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)).float()
 
 
 def whiten(features: torch.Tensor, pca_dim: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,24 +28,10 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from mtl_unsup.clustering.kmeans import ClusterState, eigh_of_features, run_kmeans
+from mtl_unsup.clustering.kmeans import ClusterState, run_kmeans, whitening_projection
 from mtl_unsup.clustering.refresh import ClusterSettings
-from mtl_unsup.distributed import collective_device, gather_rows, world
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x`` over ranks, on the CPU (sent through the device NCCL needs)."""
-    if world()[1] == 1:
-        return x
-    y = x.to(collective_device())
-    dist.all_reduce(y)
-    return y.cpu()
-
-
-def _gather(x: torch.Tensor) -> torch.Tensor:
-    return gather_rows(x.to(collective_device())).cpu()
+from mtl_unsup.distributed import gather_rows, sum_over_ranks
 
 
 def sample_indices(num_rows: int, sample: int, seed: int) -> torch.Tensor:
@@ -61,8 +47,8 @@ def gather_sample(shard: torch.Tensor, index: torch.Tensor, wanted: torch.Tensor
     in the shard's type (float16 halves what is sent) and the order of ``wanted``; every rank
     gets them (a collective)."""
     mask = torch.isin(index, wanted)
-    rows = _gather(shard[mask])
-    where = _gather(index[mask])
+    rows = gather_rows(shard[mask])
+    where = gather_rows(index[mask])
     if bool((where[1:] < where[:-1]).any()):
         rows = rows[where.argsort()]
     return rows
@@ -85,10 +71,7 @@ def fit_whitening(sample: torch.Tensor, dim: int | None, chunk: int = 8192,
         centred = part.double() - mean
         cov += centred.t() @ centred
     cov /= max(n - 1, 1)
-    d = max(1, min(dim, full, n - 1))
-    eigvals, eigvecs = eigh_of_features(cov)  # ascending
-    eigvals, eigvecs = eigvals.flip(0)[:d], eigvecs.flip(1)[:, :d]
-    return mean.float(), (eigvecs / torch.sqrt(eigvals.clamp(min=0) + eps)).float()
+    return mean.float(), whitening_projection(cov, max(1, min(dim, full, n - 1)), eps)
 
 
 def project(x: torch.Tensor, mean: torch.Tensor, proj: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -153,12 +136,12 @@ def lloyd(x: torch.Tensor, init: torch.Tensor, niter: int,
         for lo in range(0, len(x), chunk):
             sums.index_add_(0, labels[lo : lo + chunk].to(x.device), x[lo : lo + chunk].double())
         sums = sums.cpu()
-        counts = _all_reduce(torch.bincount(labels, minlength=k).double())
-        sums = _all_reduce(sums)
+        counts = sum_over_ranks(torch.bincount(labels, minlength=k).double())
+        sums = sum_over_ranks(sums)
         moved = (sums / counts.clamp(min=1).unsqueeze(1)).float()
         centroids = _split_empty(torch.where(counts.unsqueeze(1) > 0, moved, centroids), counts)
     labels, dist2 = _assign(x, centroids)
-    objective = float(_all_reduce(dist2.sum().reshape(1))[0])
+    objective = float(sum_over_ranks(dist2.sum().reshape(1))[0])
     return labels, centroids, objective
 
 
@@ -186,8 +169,8 @@ def sharded_kmeans(
         raise ValueError(f"k-means needs 2 <= k <= number of points, got k={k} for {num_rows} points")
     index = index.long().cpu()
     held = torch.zeros(num_rows, dtype=torch.bool)
-    held[_gather(index)] = True
-    if not bool(held.all()) or int(_all_reduce(torch.tensor([len(index)]))[0]) != num_rows:
+    held[gather_rows(index)] = True
+    if not bool(held.all()) or int(sum_over_ranks(torch.tensor([len(index)]))[0]) != num_rows:
         raise ValueError(f"every dataset index 0..{num_rows - 1} must be held by exactly one rank")
     if sample > 0:  # the initial k-means wants some 50 rows per cluster
         sample = max(sample, 50 * k)
@@ -206,7 +189,7 @@ def sharded_kmeans(
     labels, centroids, _ = best
     centroids = centroids.cpu()
     everyone = torch.empty(num_rows, dtype=torch.long)
-    everyone[_gather(index)] = _gather(labels)
+    everyone[gather_rows(index)] = gather_rows(labels)
     return ClusterState(everyone, centroids, mean, proj, epoch)
 
 
@@ -248,7 +231,7 @@ class ShardedContext:
         computes its rows', then the labels are gathered."""
         mine = torch.cat([logits(part.float()).argmax(1).cpu() for part in self.shard.split(65536)])
         everyone = torch.empty(self.num_rows, dtype=torch.long)
-        everyone[_gather(self.index)] = _gather(mine)
+        everyone[gather_rows(self.index)] = gather_rows(mine)
         return everyone
 
 
