@@ -207,6 +207,8 @@ def test_bad_data_settings_are_named():
         ImageFolderDataModule(root="x", channels=3, mean=[0.5, 0.5])
     with pytest.raises(DataError, match="data.cache='disk'"):
         ImageFolderDataModule(root="x", cache="disk")
+    with pytest.raises(DataError, match="data.limit=1"):
+        ImageFolderDataModule(root="x", limit=1)
 
 
 @pytest.mark.parametrize("channels,invert", [(1, True), (3, False)])

@@ -9,7 +9,6 @@ Images of CIFAR, MNIST or thumbnail size fit in memory once decoded (50,000 x 3 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +16,7 @@ import torch
 
 from mtl_unsup.data.dataset import decode_transform
 from mtl_unsup.data.images import DataError, ImageList, try_load_image
+from mtl_unsup.data.loaders import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def decode_images(images: ImageList, channels: int, image_size: int,
             out[i] = decode(image)
 
     start = time.perf_counter()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     # half the cores: small images spend most of their time in Python (GIL-bound), and on 2 cores
     # one thread decodes CIFAR-10 faster than two (15,000 images: 3.0 s against 4.2 s)
     workers = threads or max(1, min(8, cores // 2))

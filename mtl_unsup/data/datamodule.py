@@ -15,8 +15,8 @@ from mtl_unsup.data.cache import decode_images, use_memory_cache
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.digits import write_digits_folder
 from mtl_unsup.data.embeddings import EmbeddingCache, EmbeddingDataset
-from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, scan_folder
-from mtl_unsup.data.loaders import SplitDataModule, limited, seeded_split
+from mtl_unsup.data.images import DataError, ImageList, drop_bad_images, list_files, scan_folder
+from mtl_unsup.data.loaders import SplitDataModule, check_limit, limited, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,7 @@ class ImageFolderDataModule(SplitDataModule):
         limit: int | None = None,
     ) -> None:
         super().__init__()
-        if limit is not None and limit < 2:
-            raise DataError(f"data.limit={limit}: at least 2 images per split, or null for all.")
+        check_limit(limit)
         if builtin is not None and builtin not in BUILTINS:
             raise DataError(f"data.builtin={builtin!r} is unknown; choose one of {BUILTINS}.")
         if channels not in (1, 3):
@@ -213,9 +212,8 @@ class ImageFolderDataModule(SplitDataModule):
         """Whether splits are kept decoded; ``auto`` shares ``cache_max_gb`` between the
         processes of a node (each DDP rank holds its own copy)."""
         total = sum(len(v) for v in self.splits.values())
-        per_node = max(1, int(getattr(self.trainer, "num_devices", 1) or 1)) if self.trainer else 1
         return use_memory_cache(self.cache, total, self.channels, self.image_size,
-                                self.cache_max_gb / per_node)
+                                self.cache_max_gb / self.processes_per_node)
 
     def _dataset(self, split: str) -> ImageDataset | EmbeddingDataset:
         """The split's dataset, built (and, when cached, decoded or embedded) on first use:
@@ -252,10 +250,9 @@ class ImageFolderDataModule(SplitDataModule):
                             f"passed the header check), e.g. {images.paths[0]}: "
                             f"{unreadable[0]}. Fix or replace the files.")
         if unreadable:
-            listing = "\n".join(f"  {images.paths[i]}: {why}" for i, why in list(unreadable.items())[:50])
-            more = f"\n  ... and {len(unreadable) - 50} more" if len(unreadable) > 50 else ""
+            listing = list_files([(images.paths[i], why) for i, why in unreadable.items()])
             warnings.warn(f"Skipping {len(unreadable)} image(s) of the {split} set that passed the "
-                          f"header check at setup but cannot be decoded:\n{listing}{more}\nThey are "
+                          f"header check at setup but cannot be decoded:\n{listing}\nThey are "
                           "left out of training and of the scores that read labels "
                           "(data.on_bad_image=raise decodes every file before training instead).",
                           stacklevel=2)

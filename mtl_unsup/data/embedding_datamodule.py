@@ -21,7 +21,7 @@ import torch
 from mtl_unsup.data.embedding_file import EmbeddingTable, read_embeddings
 from mtl_unsup.data.embeddings import EmbeddingDataset, PickCopy
 from mtl_unsup.data.images import DataError
-from mtl_unsup.data.loaders import SplitDataModule, limited, seeded_split
+from mtl_unsup.data.loaders import SplitDataModule, check_limit, limited, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ class EmbeddingFileDataModule(SplitDataModule):
         limit: int | None = None,
     ) -> None:
         super().__init__()
-        if limit is not None and limit < 2:
-            raise DataError(f"data.limit={limit}: at least 2 rows per split, or null for all.")
+        check_limit(limit)
         self.limit = limit
         if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise DataError("data.val_fraction and data.test_fraction must lie in [0, 1), their sum below 1.")

@@ -259,6 +259,14 @@ def find_bad_images(paths: Sequence[Path], decode: bool = True,
         return [bad for part in pool.map(run, range(len(bounds) - 1)) for bad in part]
 
 
+def list_files(bad: Sequence[tuple[Path, str]], most: int = 50) -> str:
+    """Bad files with their reasons, one a line, the first ``most`` of them, for a message."""
+    lines = [f"  {path}: {why}" for path, why in bad[:most]]
+    if len(bad) > most:
+        lines.append(f"  ... and {len(bad) - most} more")
+    return "\n".join(lines)
+
+
 def drop_bad_images(images: ImageList, on_bad: str, what: str, decode: bool | None = None) -> ImageList:
     """Check every image of ``images``; warn about and skip (or raise on) the bad ones.
 
@@ -275,15 +283,14 @@ def drop_bad_images(images: ImageList, on_bad: str, what: str, decode: bool | No
     log.debug("Checked the %d %s images in %.1f s", len(images), what, time.perf_counter() - start)
     if not bad:
         return images
-    listing = "\n".join(f"  {p}: {why}" for p, why in bad[:50])
-    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    listing = list_files(bad)
     if on_bad == "raise":
         raise DataError(
-            f"{len(bad)} unreadable image(s) in the {what} set:\n{listing}{more}\n"
+            f"{len(bad)} unreadable image(s) in the {what} set:\n{listing}\n"
             "Remove or fix them, or set data.on_bad_image=skip to leave them out."
         )
     warnings.warn(
-        f"Skipping {len(bad)} unreadable image(s) in the {what} set:\n{listing}{more}",
+        f"Skipping {len(bad)} unreadable image(s) in the {what} set:\n{listing}",
         stacklevel=2,
     )
     bad_set = {p for p, _ in bad}

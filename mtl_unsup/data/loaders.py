@@ -45,8 +45,20 @@ def loader_workers(num_workers: int | str, processes: int = 1) -> int:
     ``processes`` (the ranks of a node)."""
     if num_workers != "auto":
         return int(num_workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, (cores - 1) // max(1, processes)))
+    return max(1, min(8, (available_cores() - 1) // max(1, processes)))
+
+
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_limit(limit: int | None) -> None:
+    """``data.limit``: null, or at least 2 items per split."""
+    if limit is not None and limit < 2:
+        from mtl_unsup.data.images import DataError
+
+        raise DataError(f"data.limit={limit}: at least 2 items per split, or null for all.")
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -91,8 +103,12 @@ class SplitDataModule(L.LightningDataModule):
         shared by the ranks of a node."""
         if getattr(dataset, "decoded", True) is not None:
             return 0
-        per_node = max(1, int(getattr(self.trainer, "num_devices", 1) or 1)) if self.trainer else 1
-        return loader_workers(self.num_workers, per_node)
+        return loader_workers(self.num_workers, self.processes_per_node)
+
+    @property
+    def processes_per_node(self) -> int:
+        """The ranks on this machine, which share its cores and memory."""
+        return max(1, int(getattr(self.trainer, "num_devices", 1) or 1)) if self.trainer else 1
 
     @property
     def _pin(self) -> bool:
