@@ -76,3 +76,12 @@ def build_extra_callbacks(cfg: DictConfig) -> list[Any]:
     from hydra.utils import instantiate
 
     return [instantiate(entry) for entry in _entries(cfg.get("callbacks"), "callbacks").values()]
+
+
+def finish_loggers(trainer: Any) -> None:
+    """Close a W&B run: the next run of the same process (a sweep's next job) starts its own
+    instead of logging into this one."""
+    if trainer.is_global_zero and any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()

@@ -31,7 +31,7 @@ from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.embeddings import EmbeddingCache
 from mtl_unsup.data.images import DataError
 from mtl_unsup.embedding_outputs import write_row_predictions
-from mtl_unsup.extensions import build_extra_callbacks, build_loggers
+from mtl_unsup.extensions import build_extra_callbacks, build_loggers, finish_loggers
 from mtl_unsup.history import HISTORY, EpochHistory
 from mtl_unsup.inference import load_checkpoint, predict_images
 from mtl_unsup.metrics import reads_labels
@@ -402,15 +402,6 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
             print(f"clusters:   {predictions}")
     finish_loggers(trainer)
     return metrics
-
-
-def finish_loggers(trainer: L.Trainer) -> None:
-    """Close a W&B run: the next run of the same process (a sweep's next job) starts its own
-    instead of logging into this one."""
-    if any(type(logger).__name__ == "WandbLogger" for logger in trainer.loggers) and trainer.is_global_zero:
-        import wandb
-
-        wandb.finish()
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
