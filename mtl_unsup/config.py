@@ -17,6 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from mtl_unsup.clustering.settings import ClusterSettings
 from mtl_unsup.errors import UserError
 
 
@@ -105,28 +106,31 @@ class TrainingOnly:
     warmup_epochs: Any = None
 
 
+_CLUSTER = ClusterSettings()  # the refresh's defaults are the config's
+
+
 @dataclass
 class ClusterConfig:
     k: Any = 10  # a number of clusters, or "auto": chosen in k_range by k_criterion
-    k_range: list[int] = field(default_factory=lambda: [2, 20])
-    k_criterion: str = "silhouette"
-    pca_dim: int | None = 32
-    niter: int = 20
-    nredo: int = 5
+    k_range: list[int] = field(default_factory=lambda: list(_CLUSTER.k_range))
+    k_criterion: str = _CLUSTER.k_criterion
+    pca_dim: int | None = _CLUSTER.pca_dim
+    niter: int = _CLUSTER.niter
+    nredo: int = _CLUSTER.nredo
     every_n_epochs: int = 1
-    warm_start: bool = True
+    warm_start: bool = _CLUSTER.warm_start
     # the features a refresh clusters: pass (an eval-mode pass over the training images) or bank
     # (the training pass's own, kept by dataset index: DeepCluster-v2's memory bank, no extra pass)
     features: str = "bank"
-    assign: str = "sinkhorn"
-    marginals: str = "uniform"
-    min_size: float = 0.5
-    sinkhorn_epsilon: float = 0.05
+    assign: str = _CLUSTER.assign
+    marginals: str = _CLUSTER.marginals
+    min_size: float = _CLUSTER.min_size
+    sinkhorn_epsilon: float = _CLUSTER.sinkhorn_epsilon
     answer: str = "auto"
     # k-means with each rank holding only its own rows (ImageNet-sized sets under DDP); the
     # whitening is fitted on pca_sample rows (0: all)
-    sharded: bool = False
-    pca_sample: int = 100_000
+    sharded: bool = _CLUSTER.sharded
+    pca_sample: int = _CLUSTER.pca_sample
 
 
 @dataclass
@@ -217,6 +221,11 @@ class TrainConfig:
     pictures: bool = True
     channels_last: bool = True
     optimized_metric: str | None = "val/silhouette"
+    # A run as named stages, each with its tasks, epochs, optimiser, ... (mtl_unsup/stages.py);
+    # null: one stage, the settings above. start_stage: begin at this stage (e.g. from another
+    # run's checkpoint of the stage before it, ckpt_path=.../checkpoints/<stage>/last.ckpt).
+    stages: Any = None
+    start_stage: str | None = None
 
 
 # mtl-evaluate's baselines on the model's features (mtl_unsup.baselines)
@@ -269,6 +278,9 @@ def check_config(cfg: Any) -> None:
     if cfg.data.batch_size < 2:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (pairs, BatchNorm).")
     problems += trainer_problems(cfg.trainer)
+    from mtl_unsup.stages import stage_problems
+
+    problems += stage_problems(cfg)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
     from mtl_unsup.extensions import check_extensions
@@ -300,8 +312,6 @@ def max_clusters(cluster: Any) -> int:
 
 def cluster_problems(cluster: Any) -> list[str]:
     """The ``cluster`` group's assignment settings (see ``mtl_unsup.clustering.refresh``)."""
-    from mtl_unsup.clustering.settings import ClusterSettings
-
     try:
         ClusterSettings.from_config(cluster)
     except ValueError as err:

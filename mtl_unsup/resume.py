@@ -38,10 +38,20 @@ def slurm_restart_count() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def run_checkpoint(out_dir: Path) -> Path | None:
+    """The run's newest ``last.ckpt``: ``checkpoints/last.ckpt``, or in a run of stages the
+    newest ``checkpoints/<stage>/last.ckpt`` (None: none yet)."""
+    own = out_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return own
+    staged = [p for p in (out_dir / "checkpoints").glob("*/last.ckpt") if p.is_file()]
+    return max(staged, key=lambda p: p.stat().st_mtime_ns) if staged else None
+
+
 def requeued_run(out_dir: Path) -> Path | None:
     """``last.ckpt`` of ``out_dir`` when this is a requeued SLURM job whose run there is unfinished."""
-    last = out_dir / "checkpoints" / "last.ckpt"
-    if slurm_restart_count() >= 1 and last.is_file() and not (out_dir / "metrics.json").exists():
+    last = run_checkpoint(out_dir)
+    if slurm_restart_count() >= 1 and last is not None and not (out_dir / "metrics.json").exists():
         return last
     return None
 
@@ -61,8 +71,8 @@ def find_unfinished_run(out_dir: Path, overrides: list[str]) -> Path | None:
     wanted = _same_command(overrides)
     candidates = []
     for run in out_dir.parent.iterdir() if out_dir.parent.is_dir() else []:
-        last, saved = run / "checkpoints" / "last.ckpt", run / ".hydra" / "overrides.yaml"
-        if run == out_dir or not last.is_file() or not saved.is_file():
+        last, saved = run_checkpoint(run), run / ".hydra" / "overrides.yaml"
+        if run == out_dir or last is None or not saved.is_file():
             continue
         if (run / "metrics.json").exists():
             continue
@@ -94,14 +104,14 @@ def resolve_start(ckpt_path: str | None, resume: bool, out_dir: Path) -> tuple[s
             )
         return str(path), out_dir
     if resume:
-        own = out_dir / "checkpoints" / "last.ckpt"
-        if own.is_file():
+        own = run_checkpoint(out_dir)
+        if own is not None:
             return str(own), out_dir
         overrides = current_overrides()
         match = find_unfinished_run(out_dir, overrides) if overrides is not None else None
         if match is not None:
             log.info("Resuming the unfinished run in %s", match)
-            return str(match / "checkpoints" / "last.ckpt"), match
+            return str(run_checkpoint(match)), match
         log.warning("resume=true, but no unfinished run of this command was found: starting afresh.")
         return None, out_dir
     if holds_a_run(out_dir):

@@ -141,16 +141,18 @@ def cluster_settings(cfg: DictConfig) -> ClusterSettings:
         raise ConfigValueError(str(err)) from None
 
 
-def build_callbacks(cfg: DictConfig) -> tuple[list[L.Callback], ModelCheckpoint]:
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path | None = None,
+                    refresh: str = "every") -> tuple[list[L.Callback], ModelCheckpoint]:
     """Pseudo-labels, ``last.ckpt`` every few steps (for resuming), and the best checkpoint by
-    ``checkpoint.monitor`` when one is named (none by default: ``last.ckpt`` is the model)."""
-    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    ``checkpoint.monitor`` when one is named (none by default: ``last.ckpt`` is the model).
+    ``ckpt_dir``: where they go (``<run dir>/checkpoints``); ``refresh``: a stage's policy."""
+    ckpt_dir = ckpt_dir or Path(cfg.paths.output_dir) / "checkpoints"
     monitor = cfg.checkpoint.monitor
     last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                            every_n_train_steps=cfg.checkpoint.every_n_train_steps)
     callbacks: list[L.Callback] = [
         PseudoLabelCallback(k=cfg.cluster.k, settings=cluster_settings(cfg),
-                            every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed),
+                            every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed, refresh=refresh),
         last,
     ]
     if monitor:
@@ -195,7 +197,7 @@ def write_run_info(out_dir: Path) -> None:
 
 
 def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
-                  datamodule: ImageFolderDataModule) -> None:
+                  datamodule: ImageFolderDataModule, history: Path | None = None) -> None:
     """PNGs of the held-out split (the training set when there is none) into ``pictures/``."""
     split = datamodule.eval_splits()[0]
     images = datamodule.splits[split]
@@ -203,7 +205,7 @@ def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
                            device=module.device)
     labels = np.asarray(images.labels) if images.has_labels else None
     save_pictures(out_dir / "pictures", images.paths, preds.clusters, preds.confidence,
-                  preds.features, labels, images.classes, out_dir / HISTORY)
+                  preds.features, labels, images.classes, history or out_dir / HISTORY)
 
 
 def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -> None:
@@ -271,8 +273,8 @@ class Run:
     checkpoint: ModelCheckpoint
 
 
-def build_run(cfg: DictConfig) -> Run:
-    """Instantiate data, model, callbacks and trainer from the composed config."""
+def build_model(cfg: DictConfig) -> tuple[ImageFolderDataModule, MultiTaskModule]:
+    """Instantiate and check the data (every image read now) and the model with every task."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tasks = build_tasks(cfg)
@@ -281,7 +283,8 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule = build_datamodule(cfg)
     backbone = build_backbone(cfg, datamodule, tasks)
     check_selection(cfg, datamodule, tasks)
-    check_schedule(cfg, tasks)
+    if not cfg.get("stages"):  # a staged run checks each stage's schedule as it starts
+        check_schedule(cfg, tasks)
     module = MultiTaskModule(
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
@@ -294,8 +297,15 @@ def build_run(cfg: DictConfig) -> Run:
         feature_bank=datamodule.num_train if cfg.cluster.features == "bank" else 0,
     )
     check_sizes(module, datamodule.num_train)
-    callbacks, checkpoint = build_callbacks(cfg)
-    callbacks += [EpochHistory(cfg.paths.output_dir), *build_extra_callbacks(cfg)]
+    return datamodule, module
+
+
+def build_trainer(cfg: DictConfig, ckpt_dir: Path | None = None, history_dir: Path | None = None,
+                  refresh: str = "every") -> tuple[L.Trainer, ModelCheckpoint]:
+    """The trainer with its callbacks and loggers; checkpoints into ``ckpt_dir`` and the epoch
+    history into ``history_dir`` (by default the run directory's)."""
+    callbacks, checkpoint = build_callbacks(cfg, ckpt_dir, refresh)
+    callbacks += [EpochHistory(history_dir or cfg.paths.output_dir), *build_extra_callbacks(cfg)]
     logger = build_loggers(cfg)
     extra = {}
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
@@ -303,6 +313,13 @@ def build_run(cfg: DictConfig) -> Run:
         rank_zero_warn("trainer.sync_batchnorm needs GPUs (SyncBatchNorm); off for this CPU run.")
         extra["sync_batchnorm"] = False
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
+    return trainer, checkpoint
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Instantiate data, model, callbacks and trainer from the composed config."""
+    datamodule, module = build_model(cfg)
+    trainer, checkpoint = build_trainer(cfg)
     return Run(datamodule, module, trainer, checkpoint)
 
 
@@ -345,8 +362,8 @@ def finish_clustering(run: Run) -> None:
         callback.finish(trainer, run.module)
 
 
-def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
-    """Fit and test one model; returns the final metrics (also written to ``metrics.json``)."""
+def start_run(cfg: DictConfig) -> tuple[str | None, Path]:
+    """Check the config; the checkpoint to start from and the run directory (set in ``cfg``)."""
     check_config(cfg)
     ckpt_path, out_dir = resolve_start(cfg.ckpt_path, cfg.resume, Path(cfg.paths.output_dir))
     if out_dir != Path(cfg.paths.output_dir):
@@ -354,17 +371,17 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
             cfg.paths.output_dir = str(out_dir)
     if cfg.print_config:
         rank_zero_only(print)(OmegaConf.to_yaml(cfg, resolve=True))
-    run = build_run(cfg)
+    return ckpt_path, out_dir
+
+
+def fit_and_test(run: Run, ckpt_path: str | None, last_path: Path) -> dict[str, float]:
+    """Fit (continuing ``ckpt_path``, if any), cluster the final features, save ``last_path``,
+    test; returns the flat metrics."""
     trainer, module, datamodule = run.trainer, run.module, run.datamodule
-    if ckpt_path:  # resuming: resume=true, or a requeued job continuing its own run
-        resuming = bool(cfg.resume) or Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
-        ckpt_path = adopt_checkpoint(ckpt_path, resuming, run)
-    write_run_info(out_dir)
-    trainer.callbacks.extend(extra_callbacks)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteLossError as err:
-        last = out_dir / "checkpoints" / "last.ckpt"
+        last = last_path.parent / "last.ckpt"
         kept = (f"The last good checkpoint is {last}; continue from it with resume=true "
                 "after lowering optimizer.lr or a task weight." if last.is_file()
                 else "No checkpoint had been saved yet.")
@@ -372,35 +389,61 @@ def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict
     finish_clustering(run)
     # The final clustering goes into last.ckpt with the final weights. (weights_only=False is the
     # save side: keep optimizer and loop states too; every load uses weights_only=True.)
-    last_path = out_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last_path, weights_only=False)
     metrics = flatten_results(trainer.test(module, datamodule=datamodule, verbose=False))
     if module.auto_k:
         metrics["cluster/k"] = float(module.k)
-    if trainer.is_global_zero:
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        if module.auto_k:
-            write_k_selection(out_dir, module, cfg)
-        if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's
-            predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures)
-        elif cfg.pictures:
-            draw_pictures(out_dir, module, cfg, datamodule)
-        print(format_table(metrics))
-        answer = module.answer()
-        print(f"answer:     {answer or 'k-means of the features'}"
-              + (f" (of {len(module.heads)} clustering heads, chosen without labels)"
-                 if len(module.heads) > 1 else ""))
-        print(f"run dir:    {out_dir}")
-        monitor = run.checkpoint.monitor
-        best = run.checkpoint.best_model_path if monitor else ""
-        chosen = " (chosen with ground-truth labels)" if monitor and reads_labels(monitor) else ""
-        print(f"checkpoint: {last_path}")
-        if best:
-            print(f"            best by {monitor}{chosen}: {best}")
-        print(f"metrics:    {out_dir / 'metrics.json'}")
-        if isinstance(datamodule, EmbeddingFileDataModule):
-            print(f"clusters:   {predictions}")
-    finish_loggers(trainer)
+    return metrics
+
+
+def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, float],
+                  last_path: Path, history: Path | None = None, table: str | None = None) -> None:
+    """``metrics.json``, the pictures (or the rows' clusters) and the closing summary (rank 0)."""
+    module, datamodule = run.module, run.datamodule
+    if not run.trainer.is_global_zero:
+        return
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if module.auto_k:
+        write_k_selection(out_dir, module, cfg)
+    if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's
+        predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures)
+    elif cfg.pictures:
+        draw_pictures(out_dir, module, cfg, datamodule, history)
+    print(table or format_table(metrics))
+    answer = module.answer()
+    print(f"answer:     {answer or 'k-means of the features'}"
+          + (f" (of {len(module.heads)} clustering heads, chosen without labels)"
+             if len(module.heads) > 1 else ""))
+    print(f"run dir:    {out_dir}")
+    monitor = run.checkpoint.monitor
+    best = run.checkpoint.best_model_path if monitor else ""
+    chosen = " (chosen with ground-truth labels)" if monitor and reads_labels(monitor) else ""
+    print(f"checkpoint: {last_path}")
+    if best:
+        print(f"            best by {monitor}{chosen}: {best}")
+    print(f"metrics:    {out_dir / 'metrics.json'}")
+    if isinstance(datamodule, EmbeddingFileDataModule):
+        print(f"clusters:   {predictions}")
+
+
+def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
+    """Fit and test one model; returns the final metrics (also written to ``metrics.json``).
+    A run with ``stages`` runs each in turn (:func:`mtl_unsup.staged.train_stages`)."""
+    if cfg.get("stages"):
+        from mtl_unsup.staged import train_stages
+
+        return train_stages(cfg, extra_callbacks)
+    ckpt_path, out_dir = start_run(cfg)
+    run = build_run(cfg)
+    if ckpt_path:  # resuming: resume=true, or a requeued job continuing its own run
+        resuming = bool(cfg.resume) or Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
+        ckpt_path = adopt_checkpoint(ckpt_path, resuming, run)
+    write_run_info(out_dir)
+    run.trainer.callbacks.extend(extra_callbacks)
+    last_path = out_dir / "checkpoints" / "last.ckpt"
+    metrics = fit_and_test(run, ckpt_path, last_path)
+    write_results(run, cfg, out_dir, metrics, last_path)
+    finish_loggers(run.trainer)
     return metrics
 
 

@@ -77,3 +77,19 @@ TINY = [
 def tiny_folder_overrides(root: Path) -> list[str]:
     return [*TINY, "data=folder", f"data.root={root}", "data.channels=1", "data.image_size=16",
             "data.mean=[0.3]", "data.std=[0.4]"]
+
+
+def staged_overrides(root: Path) -> list[str]:
+    """The tiny config as three stages, SCAN's protocol in small: a contrastive pretext, SCAN on
+    neighbours mined once from its projections (Adam, smaller batches), then self-labelling."""
+    tiny = [o for o in tiny_folder_overrides(root) if not o.startswith("task.cluster")]
+    return [*tiny, "task=[contrastive,scan,selflabel]", "task.scan.num_neighbors=3",
+            "task.scan.num_heads=2", "task.scan.space=contrastive", "task.selflabel.weak_view=plain",
+            "task.selflabel.threshold=0.5",
+            "+stages.pretext.tasks.contrastive={}", "+stages.pretext.epochs=2",
+            "+stages.scan.tasks.scan={}", "+stages.scan.epochs=2", "+stages.scan.refresh=once",
+            "+stages.scan.batch_size=8", "+stages.scan.optimizer._target_=torch.optim.Adam",
+            "+stages.scan.optimizer._partial_=true", "+stages.scan.optimizer.lr=0.001",
+            "+stages.scan.scheduler=null",
+            "+stages.selflabel.tasks.selflabel.view=weak", "+stages.selflabel.epochs=2",
+            "+stages.selflabel.refresh=never", "+stages.selflabel.backbone_lr=0.5"]

@@ -319,3 +319,31 @@ def test_every_benchmark_recipe_composes_on_every_experiment(tmp_path, data):
         cfg = compose_cfg(tmp_path, [*base, *recipe_overrides(name, base)])
         check_config(cfg)  # no stray settings of a task the recipe leaves out
         assert ("scan" in cfg.task) == (name == "scan")
+
+
+@pytest.mark.parametrize(("names", "source"), [
+    (("cluster", "rotation"), "cluster"),  # no scan task: the run's answer head self-labels
+    (("cluster", "scan"), "scan"),
+    (("scan", "cluster"), "scan"),
+])
+def test_self_labelling_trains_the_head_that_answers(names, source):
+    from mtl_unsup.tasks import ScanTask, SelfLabelTask
+
+    made = {"cluster": ClusterTask, "rotation": RotationTask, "scan": ScanTask}
+    tasks = {n: made[n]() for n in names}
+    tasks["overcluster"] = ClusterTask(k_factor=5)  # never the answer: its k is not the run's
+    tasks["selflabel"] = SelfLabelTask()
+    for task in tasks.values():
+        task.build(16, 3)
+    tasks["selflabel"].bind(tasks)
+    assert tasks["selflabel"].source == source
+
+
+def test_self_labelling_without_a_clustering_head_says_what_to_add():
+    from mtl_unsup.tasks import SelfLabelTask
+
+    tasks = {"rotation": RotationTask(), "selflabel": SelfLabelTask()}
+    for task in tasks.values():
+        task.build(16, 3)
+    with pytest.raises(ValueError, match=r"no task of this run has one: add one"):
+        tasks["selflabel"].bind(tasks)

@@ -55,6 +55,11 @@ class FeatureBank(nn.Module):
             self.written.copy_(written)
         return features.cpu(), (written >= 0).cpu()
 
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Forget every row (a new stage trains another model: its features start afresh)."""
+        self.written.fill_(-1)
+
     def checkpoint_state(self) -> dict[str, Any]:
         return {"features": self.features.cpu().clone(), "written": self.written.cpu().clone()}
 

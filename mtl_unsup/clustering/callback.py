@@ -99,16 +99,21 @@ class PseudoLabelCallback(L.Callback):
         settings: the rest of the ``cluster`` group.
         every_n_epochs: refresh period.
         seed: k-means seed (offset by the epoch, so each refresh differs but reruns agree).
+        refresh: ``every`` (each task at its start, then every ``every_n_epochs``), ``once`` (at
+            a task's start only: a stage whose targets come from the previous stage's model) or
+            ``never`` (the targets the task holds; a stage that keeps the previous stage's).
     """
 
     def __init__(self, k: int | str, settings: ClusterSettings | None = None, every_n_epochs: int = 1,
-                 seed: int = 0) -> None:
+                 seed: int = 0, refresh: str = "every") -> None:
         self.auto = k == "auto"
         if not self.auto and int(k) < 2:
             raise ValueError(f"cluster.k={k}: at least 2 clusters are needed.")
         if every_n_epochs < 1:
             raise ValueError(f"cluster.every_n_epochs={every_n_epochs} must be >= 1.")
-        self.k, self.settings = k, settings or ClusterSettings()
+        if refresh not in ("every", "once", "never"):
+            raise ValueError(f"refresh={refresh!r}: use every, once or never.")
+        self.k, self.settings, self.policy = k, settings or ClusterSettings(), refresh
         self.every_n_epochs, self.seed = every_n_epochs, seed
         self.refreshed_epoch: int | None = None  # the last epoch this run refreshed targets at
 
@@ -198,18 +203,21 @@ class PseudoLabelCallback(L.Callback):
         a refresh may change k, so every active task with targets is refreshed with the due ones
         (they all speak of the same k)."""
         due = [name for name, task in module.tasks.items()
-               if self.task_due(task, epoch, module.features_fixed)]
+               if self.task_due(task, epoch, module.features_fixed, module.task_active(name, epoch))]
         if self.auto and due:
-            return [name for name, task in module.tasks.items() if task.refreshes and task.active(epoch)]
+            return [name for name, task in module.tasks.items()
+                    if task.refreshes and module.task_active(name, epoch)]
         return due
 
-    def task_due(self, task: Any, epoch: int, fixed: bool = False) -> bool:
-        if not task.refreshes or not task.active(epoch):
-            return False  # nobody reads this task's targets this epoch
+    def task_due(self, task: Any, epoch: int, fixed: bool = False, active: bool | None = None) -> bool:
+        active = task.active(epoch) if active is None else active
+        if not task.refreshes or not active or self.policy == "never":
+            return False  # nobody reads this task's targets this epoch, or they are kept
         last = task.refreshed_epoch
         if last is None or last < task.start_epoch:
             return True  # the task starts (or restarts from a checkpoint without targets)
-        return not fixed and last != epoch and (epoch - task.start_epoch) % self.every_n_epochs == 0
+        return (self.policy == "every" and not fixed and last != epoch
+                and (epoch - task.start_epoch) % self.every_n_epochs == 0)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         names = self.due(module, trainer.current_epoch)
@@ -238,7 +246,7 @@ class PseudoLabelCallback(L.Callback):
             # with cluster.k=auto, k is chosen here only if no refresh chose it (the heads trained
             # at the k of the last refresh)
             scores = ctx.choose_k() if self.auto and module.cluster_state is None else None
-            replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if t.weight > 0}
+            replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if module.task_weight(n) > 0}
             payload = (ctx.kmeans(ctx.k), {n: r for n, r in replaced.items() if r is not None}, scores)
         state, replaced, scores = self.shared(trainer, payload)
         if scores is not None:

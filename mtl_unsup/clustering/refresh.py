@@ -146,20 +146,24 @@ class RefreshContext:
     def neighbours(self, num: int) -> torch.Tensor:
         """``(N, num)`` dataset indices of each image's nearest others in the whitened space."""
         if num not in self._neighbours:
-            x = self.space[0]
-            if not 1 <= num < len(x):
-                raise ValueError(f"{num} neighbours need more than {num} training images, "
-                                 f"there are {len(x)}")
-            data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-            index = faiss.IndexFlatIP(data.shape[1])
-            index.add(data)
-            _, found = index.search(data, num + 1)
-            found = torch.from_numpy(found.astype(np.int64))
-            rows = torch.arange(len(x)).unsqueeze(1)
-            is_self = found == rows
-            # drop the image itself (or, among exact duplicates, the last found)
-            drop = torch.where(is_self.any(1), is_self.float().argmax(1), torch.full((len(x),), num))
-            keep = torch.ones_like(found, dtype=torch.bool)
-            keep[torch.arange(len(x)), drop] = False
-            self._neighbours[num] = found[keep].view(len(x), num)
+            self._neighbours[num] = nearest_neighbours(self.space[0], num)
         return self._neighbours[num]
+
+
+def nearest_neighbours(x: torch.Tensor, num: int) -> torch.Tensor:
+    """``(N, num)`` indices of each row's ``num`` nearest other rows by inner product (FAISS,
+    exact): cosine similarity for L2-normalised rows."""
+    if not 1 <= num < len(x):
+        raise ValueError(f"{num} neighbours need more than {num} training images, there are {len(x)}")
+    data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    index = faiss.IndexFlatIP(data.shape[1])
+    index.add(data)
+    _, found = index.search(data, num + 1)
+    found = torch.from_numpy(found.astype(np.int64))
+    rows = torch.arange(len(x)).unsqueeze(1)
+    is_self = found == rows
+    # drop the image itself (or, among exact duplicates, the last found)
+    drop = torch.where(is_self.any(1), is_self.float().argmax(1), torch.full((len(x),), num))
+    keep = torch.ones_like(found, dtype=torch.bool)
+    keep[torch.arange(len(x)), drop] = False
+    return found[keep].view(len(x), num)

@@ -13,13 +13,14 @@ MARGINALS = ("uniform", "min_size", "none")
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """The ``cluster`` config group, as the refresh uses it."""
+    """The ``cluster`` config group, as the refresh uses it. These defaults are the config's
+    (:class:`mtl_unsup.config.ClusterConfig` reads them): one default per setting."""
 
     pca_dim: int | None = 32
     niter: int = 20
     nredo: int = 5
     warm_start: bool = True
-    assign: str = "kmeans"
+    assign: str = "sinkhorn"
     marginals: str = "uniform"
     min_size: float = 0.5
     sinkhorn_epsilon: float = 0.05

@@ -21,6 +21,14 @@ from mtl_unsup.tasks.base import Task, TaskBatch
 from mtl_unsup.tasks.cluster import ClusterTask
 
 
+class PlainView(nn.Module):
+    """The ``plain`` view: the image as it is (cached feature rows: their plain slot). SCAN's
+    self-labels come from it; a ``plain`` entry of ``data.augmentations`` replaces it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0] if x.ndim == 3 else x
+
+
 class MultiTaskModule(L.LightningModule):
     """Trains a backbone jointly on several tasks and evaluates its clusters.
 
@@ -31,7 +39,8 @@ class MultiTaskModule(L.LightningModule):
         optimizer: partial optimizer taking the parameters (None for inference only).
         scheduler: optional partial LR scheduler taking the optimizer (stepped every epoch).
         eval_splits: names of the test dataloaders, in order.
-        augmentations: name -> batched augmentation module; tasks ask for views by name.
+        augmentations: name -> batched augmentation module; tasks ask for views by name
+            (``plain``, the image as it is, is always there).
         mean, std: per-channel normalisation applied after augmentation (and to plain images).
         config: the composed run config, stored in checkpoints for later tools.
         seed: the run's seed; with the rank, epoch and batch it seeds each training step.
@@ -71,7 +80,7 @@ class MultiTaskModule(L.LightningModule):
         self.channels_last = channels_last
         self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         self.tasks = nn.ModuleDict(dict(tasks))
-        self.augmentations = nn.ModuleDict(dict(augmentations or {}))
+        self.augmentations = nn.ModuleDict({"plain": PlainView(), **dict(augmentations or {})})
         self.view_counts = self._view_counts()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -104,16 +113,51 @@ class MultiTaskModule(L.LightningModule):
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
         # its weights are used, its pseudo-labels are not.
         self.ignore_checkpoint_clustering = False
+        # The stage being trained (see enter_stage): its index seeds its steps apart from the
+        # other stages'; its task weights replace the tasks' own (None: every task at its own).
+        self.stage_index, self.stage_weights, self.backbone_lr = 0, None, 1.0
 
     @property
     def features_fixed(self) -> bool:
         """Whether the backbone's features never change (frozen, or rows given as they are)."""
         return not any(p.requires_grad for p in self.backbone.parameters())
 
+    # ------------------------------------------------------------------------- stages
+    def task_weight(self, name: str) -> float:
+        """The weight of task ``name`` in the stage being trained (0: it does not train)."""
+        weights = getattr(self, "stage_weights", None)
+        return self.tasks[name].weight if weights is None else weights.get(name, 0.0)
+
+    def task_active(self, name: str, epoch: int) -> bool:
+        return self.task_weight(name) > 0 and self.tasks[name].active(epoch)
+
+    def enter_stage(self, index: int, weights: Mapping[str, float],
+                    settings: Mapping[str, Mapping[str, Any]], optimizer: Callable[..., Any],
+                    scheduler: Callable[..., Any] | None, backbone_lr: float = 1.0) -> None:
+        """Train as stage ``index`` from now on: only the tasks in ``weights``, at those weights,
+        with ``settings`` (view, start epoch, ...) set on them, under their own optimiser and
+        scheduler; the backbone at ``backbone_lr`` times the learning rate (0: frozen)."""
+        for name, values in settings.items():
+            task = self.tasks[name]
+            for key, value in values.items():
+                if not hasattr(task, key):
+                    raise ConfigValueError(f"stages: task {name} has no setting {key!r}.")
+                setattr(task, key, int(value) if key == "start_epoch" else value)
+        self.stage_index, self.stage_weights = index, dict(weights)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.backbone_lr = float(backbone_lr)
+        if not getattr(self.backbone, "frozen", False) or getattr(self, "_stage_frozen", False):
+            self._stage_frozen = self.backbone_lr == 0  # frozen for this stage only
+            self.backbone.frozen = self._stage_frozen
+            self.backbone.requires_grad_(not self._stage_frozen)
+        self.view_counts = self._view_counts()
+        if self.feature_bank is not None:  # the previous stage's features describe another model
+            self.feature_bank.clear()
+
     def _view_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for name, task in self.tasks.items():
-            if task.weight == 0:  # never active: its views would be augmented for nothing
+            if self.task_weight(name) == 0:  # never active: its views would be augmented for nothing
                 continue
             for view, n in task.views().items():
                 if view not in self.augmentations:
@@ -231,6 +275,8 @@ class MultiTaskModule(L.LightningModule):
     def step_seed(self, batch_idx: int) -> int:
         """Seed of one training step: distinct per rank, reproducible from the run's seed."""
         key = [self.seed, self.global_rank, self.current_epoch, batch_idx]
+        if self.stage_index:  # a later stage draws apart from the first (whose epochs it repeats)
+            key.append(self.stage_index)
         return int(np.random.SeedSequence(key).generate_state(1)[0])
 
     def on_train_epoch_start(self) -> None:
@@ -239,7 +285,7 @@ class MultiTaskModule(L.LightningModule):
             self.log("train/lr", lr, on_step=False, on_epoch=True, batch_size=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        active = {n: t for n, t in self.tasks.items() if t.active(self.current_epoch)}
+        active = {n: t for n, t in self.tasks.items() if self.task_active(n, self.current_epoch)}
         if not active:  # e.g. only a cluster task still in its warm-up: nothing to learn yet
             return None
         # Augmentations and random tasks draw from the global RNG: each rank draws its own
@@ -259,7 +305,7 @@ class MultiTaskModule(L.LightningModule):
             for key, value in task.step_metrics().items():
                 self.log(f"train/{name}_{key}", value, on_step=False, on_epoch=True, batch_size=bs,
                          sync_dist=True)
-            total = total + task.weight * loss
+            total = total + self.task_weight(name) * loss
         if not torch.isfinite(total):  # one device sync a step: stop before a bad update
             raise NonFiniteLossError(
                 f"The training loss became {total.item()} at epoch {self.current_epoch}, step "
@@ -275,11 +321,24 @@ class MultiTaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # a frozen backbone's parameters get no optimizer state (nor weight decay)
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = self.optimizer_factory(params=self._param_groups())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _param_groups(self) -> list[Any]:
+        """The trainable parameters; with a stage's ``backbone_lr`` the backbone's in a group of
+        their own at that share of the learning rate."""
+        backbone = {id(p) for p in self.backbone.parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone]
+        trained = [p for p in self.backbone.parameters() if p.requires_grad]
+        if self.backbone_lr == 1.0 or not trained:
+            return [p for p in self.parameters() if p.requires_grad]
+        lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if lr is None:
+            raise ConfigValueError("stages: backbone_lr needs the stage's optimizer to set lr.")
+        return [{"params": trained, "lr": lr * self.backbone_lr}, {"params": rest}]
 
     # ------------------------------------------------------------------------- evaluation
     def predict_clusters(self, x: torch.Tensor, kmeans: bool = True) -> dict[str, Any]:

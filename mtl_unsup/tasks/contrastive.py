@@ -38,6 +38,19 @@ class ContrastiveTask(Task):
             nn.ReLU(inplace=True), nn.Linear(self.hidden_dim, self.proj_dim),
         )
 
+    @torch.no_grad()
+    def project(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """L2-normalised projections of backbone features, the projector in eval mode (the
+        space SCAN mines its neighbours in); on the projector's device, returned on the CPU."""
+        device, mode = next(self.projector.parameters()).device, self.projector.training
+        self.projector.eval()
+        try:
+            out = [torch.nn.functional.normalize(self.projector(part.to(device)).float(), dim=1).cpu()
+                   for part in features.split(chunk)]
+        finally:
+            self.projector.train(mode)
+        return torch.cat(out)
+
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         z1 = self.projector(batch.features(self.view, 0))
         z2 = self.projector(batch.features(self.view, 1))

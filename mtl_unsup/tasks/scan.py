@@ -10,12 +10,14 @@ The head with the lowest loss (a running mean over the ranks' batches) is the ta
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from mtl_unsup.clustering.refresh import RefreshContext
+from mtl_unsup.clustering.refresh import RefreshContext, nearest_neighbours
 from mtl_unsup.distributed import mean_over_ranks
 from mtl_unsup.tasks.base import Task, TaskBatch
 
@@ -23,13 +25,24 @@ from mtl_unsup.tasks.base import Task, TaskBatch
 def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor,
               entropy_weight: float = 5.0) -> torch.Tensor:
     """SCAN's loss: ``-mean log <p(anchor), p(neighbour)>`` minus ``entropy_weight`` times the
-    entropy of the batch's mean prediction (which is largest when clusters are used equally)."""
-    anchor = anchor_logits.float().softmax(dim=1)
-    neighbour = neighbour_logits.float().softmax(dim=1)
-    consistency = -torch.log((anchor * neighbour).sum(dim=1).clamp(min=1e-8)).mean()
-    mean = anchor.mean(dim=0)
+    entropy of the batch's mean prediction (which is largest when clusters are used equally).
+
+    The log of the agreement is computed in log space (a log-sum-exp of the two log-softmaxes),
+    so a confident pair that disagrees keeps its full loss and gradient, as in the reference's
+    binary cross-entropy on the agreement; clamping the agreement instead would flatten both.
+    """
+    dtype = torch.promote_types(anchor_logits.dtype, torch.float32)  # half precision: float32
+    log_anchor = anchor_logits.to(dtype).log_softmax(dim=1)
+    log_neighbour = neighbour_logits.to(dtype).log_softmax(dim=1)
+    consistency = -torch.logsumexp(log_anchor + log_neighbour, dim=1).mean()
+    mean = log_anchor.exp().mean(dim=0)
     entropy = -(mean * torch.log(mean.clamp(min=1e-8))).sum()
     return consistency - entropy_weight * entropy
+
+
+# Below this normalised entropy of its cluster sizes a head has collapsed (0: one cluster; a
+# uniform use of half the clusters of k=10 gives 0.70).
+MIN_SIZE_ENTROPY = 0.5
 
 
 class ScanTask(Task):
@@ -41,6 +54,9 @@ class ScanTask(Task):
         entropy_weight: weight of the entropy term (SCAN: 5).
         k: clusters per head (None: ``cluster.k``).
         loss_momentum: of the running mean of each head's loss, which picks the answer.
+        space: where neighbours are mined: ``features`` (the backbone's, PCA-whitened as the
+            clustering sees them) or the name of a task that projects them (``contrastive``:
+            its projector's normalised output, where SCAN's reference code mines).
     """
 
     refreshes = True
@@ -50,7 +66,7 @@ class ScanTask(Task):
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
                  stop_epoch: int | None = None, num_neighbors: int = 20, num_heads: int = 1,
                  entropy_weight: float = 5.0, k: int | None = None,
-                 loss_momentum: float = 0.99) -> None:
+                 loss_momentum: float = 0.99, space: str = "features") -> None:
         super().__init__(weight, view, start_epoch, stop_epoch)
         if num_neighbors < 1 or num_heads < 1:
             raise ValueError(f"num_neighbors={num_neighbors} and num_heads={num_heads} must be >= 1")
@@ -64,6 +80,18 @@ class ScanTask(Task):
         self.neighbours: torch.Tensor | None = None
         self.fingerprint = ""
         self.usable = True  # False when its heads never trained or fell apart (see finish)
+        self.space = space
+        self._projector: list[Task] = []  # a plain list: the projector belongs to its task
+
+    def bind(self, tasks: Mapping[str, Task]) -> None:
+        if self.space == "features":
+            return
+        task = dict(tasks.items()).get(self.space)
+        if task is None or not hasattr(task, "project"):
+            choices = [n for n, t in tasks.items() if hasattr(t, "project")]
+            raise ValueError(f"space={self.space!r}: use features or a task that projects features "
+                             f"({', '.join(choices) or 'none in this run, e.g. contrastive'})")
+        self._projector = [task]
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
         self.num_clusters = self.fixed_k or num_clusters
@@ -75,7 +103,11 @@ class ScanTask(Task):
 
     # ------------------------------------------------------------- dataset-level targets
     def refresh(self, ctx: RefreshContext) -> dict[str, Any]:
-        return {"neighbours": ctx.neighbours(self.num_neighbors), "epoch": ctx.epoch,
+        if self._projector:
+            neighbours = nearest_neighbours(self._projector[0].project(ctx.features), self.num_neighbors)
+        else:
+            neighbours = ctx.neighbours(self.num_neighbors)
+        return {"neighbours": neighbours, "epoch": ctx.epoch,
                 "fingerprint": ctx.fingerprint, "k": self.fixed_k or ctx.k}
 
     def adopt(self, state: dict[str, Any], reset_head: bool = True,
@@ -103,12 +135,11 @@ class ScanTask(Task):
                 "fingerprint": self.fingerprint, "k": self.k, "usable": self.usable}
 
     def finish(self, ctx: RefreshContext) -> tuple[dict[str, Any], str] | None:
-        """Heads that never trained, or whose answer fell apart (NMI with the final k-means below
-        ``MIN_HEAD_AGREEMENT``, e.g. one cluster), are no answer of the run. Reads no label."""
-        from torchmetrics.functional.clustering import normalized_mutual_info_score
-
-        from mtl_unsup.tasks.cluster import MIN_HEAD_AGREEMENT
-
+        """Heads that never trained, or that collapsed (the normalised entropy of their cluster
+        sizes over the training set below ``MIN_SIZE_ENTROPY``: most images in a few clusters),
+        are no answer of the run. SCAN's clusters are meant to differ from k-means', so unlike a
+        k-means-trained head's, their disagreement with the final k-means is no fault. Reads no
+        label."""
         empty = torch.zeros(0, self.num_neighbors, dtype=torch.long)
         state = self.dataset_state() or {"neighbours": empty, "epoch": -1, "fingerprint": "", "k": self.k}
         if int(self.trained_steps) == 0:
@@ -117,10 +148,12 @@ class ScanTask(Task):
         head = self.heads[int(self.head_losses.argmin())]
         with torch.no_grad():
             preds = ctx.argmax(lambda features: head(features.to(self.head_losses.device))[:, : self.k])
-        agreement = float(normalized_mutual_info_score(preds, ctx.kmeans(self.k).labels))
-        if agreement < MIN_HEAD_AGREEMENT:
-            why = (f"disagrees with the final k-means of the training features (NMI {agreement:.2f}): it "
-                   "is not the run's answer")
+        share = torch.bincount(preds, minlength=self.k).double() / len(preds)
+        entropy = float(-(share * share.clamp(min=1e-12).log()).sum() / math.log(self.k))
+        if entropy < MIN_SIZE_ENTROPY:
+            why = (f"collapsed (the entropy of its cluster sizes is {entropy:.2f} of the most "
+                   f"possible; {int((share > 0).sum())} of {self.k} clusters in use): it is not the "
+                   "run's answer")
             return {**state, "usable": False}, why
         return None
 

@@ -46,7 +46,10 @@ class SelfLabelTask(Task):
 
     Args:
         view: the augmentation trained on (strong); ``weak_view``: the one predictions come from.
-        source: the task whose answer head is trained (a task with clustering heads).
+        source: the task whose answer head is trained (a task with clustering heads), or
+            ``auto``: the one whose head would be the run's answer (of the tasks with a head of
+            ``cluster.k`` clusters, the latest in the field's pipeline, SCAN after k-means
+            targets, then the latest start, then the first listed, as the module picks its answer).
         threshold: softmax probability an image's prediction must reach to become its target
             (SCAN: 0.99).
         min_share: when fewer images of a batch are that confident, the most confident of each
@@ -54,7 +57,7 @@ class SelfLabelTask(Task):
     """
 
     def __init__(self, weight: float = 1.0, view: str = "strong", start_epoch: int = 0,
-                 stop_epoch: int | None = None, weak_view: str = "weak", source: str = "scan",
+                 stop_epoch: int | None = None, weak_view: str = "weak", source: str = "auto",
                  threshold: float = 0.99, min_share: float = 0.05) -> None:
         super().__init__(weight, view, start_epoch, stop_epoch)
         if not 0 < threshold <= 1 or not 0 <= min_share <= 1:
@@ -69,15 +72,33 @@ class SelfLabelTask(Task):
         return {self.weak_view: 1, self.view: 1}
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
+        self.num_clusters = num_clusters
         self.register_buffer("confident_share", torch.zeros(()))
 
     def bind(self, tasks: Mapping[str, Task]) -> None:
-        source = dict(tasks.items()).get(self.source)  # ModuleDict has no get()
+        tasks = dict(tasks.items())  # ModuleDict has no get()
+        heads = [n for n, t in tasks.items() if t.has_cluster_heads]
+        name = self.source if self.source != "auto" else self._auto_source(tasks)
+        source = tasks.get(name) if name else None
         if source is None or not source.has_cluster_heads:
-            heads = [n for n, t in tasks.items() if t.has_cluster_heads]
             raise ValueError(f"source={self.source!r} is not a task with a clustering head in this "
-                             f"run; choose one of {heads}")
+                             f"run; choose one of {heads}" if heads else
+                             "self-labelling trains a clustering head, and no task of this run has "
+                             "one: add one, e.g. task=[...,cluster,selflabel] or [...,scan,selflabel]")
+        self.source = name
         self._source = [source]
+
+    def _auto_source(self, tasks: Mapping[str, Task]) -> str | None:
+        """The task whose head would answer: a head of the run's k, the latest pipeline stage."""
+        best, rank = None, None
+        for position, (name, task) in enumerate(tasks.items()):
+            if task is self or not task.has_cluster_heads:
+                continue
+            if self.num_clusters not in task.cluster_heads().values():
+                continue  # an overclustering head is never the answer
+            if rank is None or (task.stage, task.start_epoch, -position) > rank:
+                best, rank = name, (task.stage, task.start_epoch, -position)
+        return best
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
         return {"confident": self.confident_share}

@@ -1,0 +1,166 @@
+"""A run as a sequence of named stages: the field's protocols as configuration.
+
+SCAN, for instance, is a contrastive pretext stage, a stage that trains clustering heads on
+neighbours mined once from the pretext features, and a self-labelling stage, each with its own
+optimiser, learning rate, batch size and augmentations. ``stages`` in the config (an
+``experiment=`` file declares them) is an ordered mapping from a stage's name to its settings:
+
+- ``tasks``: the tasks this stage trains, each ``{}`` or with overrides of ``weight``, ``view``,
+  ``weak_view``, ``start_epoch`` and ``stop_epoch`` (counted from the stage's first epoch);
+  every task named must be in the run's ``task`` list, whose settings hold the rest.
+- ``epochs`` (required) and ``max_time`` (a time budget, ``DD:HH:MM:SS``).
+- ``optimizer`` and ``scheduler``: as the run's top-level keys (absent: the run's; a
+  scheduler's ``${trainer.max_epochs}`` is the stage's epochs; ``scheduler: null``: constant).
+- ``batch_size``: of the stage's training batches (absent: ``data.batch_size``).
+- ``backbone_lr``: the backbone's learning rate as a share of the optimiser's (0 freezes it).
+- ``refresh``: when dataset-level targets are made: ``every`` ``every_n_epochs`` epochs
+  (absent: ``cluster.every_n_epochs``), ``once`` at the stage's start from the features the
+  previous stage left (an eval-mode pass), or ``never`` (the targets the previous stage left).
+
+A run without ``stages`` is one stage, today's run. Nothing here loads torch: the plan is checked
+before any library loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+STAGE_KEYS = ("tasks", "epochs", "max_time", "optimizer", "scheduler", "batch_size", "backbone_lr",
+              "refresh", "every_n_epochs")
+TASK_KEYS = ("weight", "view", "weak_view", "start_epoch", "stop_epoch")
+REFRESH = ("every", "once", "never")
+
+
+@dataclass
+class Stage:
+    """One stage of a run, as its trainer and the module see it.
+
+    Attributes:
+        name: its key in ``stages`` (its checkpoints are ``checkpoints/<name>/``).
+        index: its position, from 0.
+        cfg: the run's config with the stage's settings in place (trainer epochs, optimiser,
+            scheduler, batch size, refresh period, the tasks' settings).
+        weights: task name -> weight in this stage (tasks not named: not trained).
+        settings: task name -> the task attributes this stage sets.
+        backbone_lr: the backbone's learning rate as a share of the optimiser's.
+        refresh: ``every``, ``once`` or ``never``.
+    """
+
+    name: str
+    index: int
+    cfg: DictConfig
+    weights: dict[str, float]
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backbone_lr: float = 1.0
+    refresh: str = "every"
+
+
+def has_stages(cfg: DictConfig) -> bool:
+    return bool(cfg.get("stages"))
+
+
+def stage_problems(cfg: DictConfig) -> list[str]:
+    """What is wrong with ``stages`` (and ``start_stage``), each naming the key and the fix."""
+    stages, problems = cfg.get("stages"), []
+    if stages is None or stages == {}:
+        start = cfg.get("start_stage")
+        return [f"start_stage={start!r}: this run has no stages."] if start is not None else []
+    if not isinstance(stages, DictConfig):
+        return [f"stages={stages!r}: give a mapping of stage names to settings (see conf/experiment/"
+                "scan_cifar10.yaml), or null for one stage."]
+    tasks = [n for n, t in (cfg.task or {}).items() if "_target_" in t]
+    for name, stage in stages.items():
+        key = f"stages.{name}"
+        if not isinstance(stage, DictConfig):
+            problems.append(f"{key}: give the stage's settings ({', '.join(STAGE_KEYS)}).")
+            continue
+        problems += [f"{key}.{k} is not a stage setting; choose from {', '.join(STAGE_KEYS)}."
+                     for k in stage if k not in STAGE_KEYS]
+        epochs = stage.get("epochs")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            problems.append(f"{key}.epochs={epochs!r}: give the stage's number of epochs (>= 1).")
+        if stage.get("refresh", "every") not in REFRESH:
+            problems.append(f"{key}.refresh={stage.refresh!r}: use {', '.join(REFRESH)}.")
+        lr = stage.get("backbone_lr", 1.0)
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0:
+            problems.append(f"{key}.backbone_lr={lr!r}: a share of the optimiser's learning rate, >= 0.")
+        every = stage.get("every_n_epochs")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            problems.append(f"{key}.every_n_epochs={every!r}: must be >= 1.")
+        size = stage.get("batch_size")
+        if size is not None and (not isinstance(size, int) or size < 2):
+            problems.append(f"{key}.batch_size={size!r}: must be >= 2.")
+        problems += _task_problems(key, stage.get("tasks"), tasks)
+    start = cfg.get("start_stage")
+    if start is not None and start not in stages:
+        problems.append(f"start_stage={start!r} is not a stage of this run; choose one of "
+                        f"{', '.join(stages) or '(none: stages is empty)'}.")
+    return problems
+
+
+def _task_problems(key: str, tasks: Any, known: list[str]) -> list[str]:
+    if not isinstance(tasks, DictConfig) or not tasks:
+        return [f"{key}.tasks: name the tasks this stage trains, e.g. tasks: {{contrastive: {{}}}}."]
+    problems = []
+    for name, settings in tasks.items():
+        if name not in known:
+            problems.append(f"{key}.tasks.{name} is not in the run's task list ({', '.join(known)}): add "
+                            f"it, e.g. task=[...,{name}].")
+            continue
+        if settings is None:
+            continue
+        if not isinstance(settings, DictConfig):
+            problems.append(f"{key}.tasks.{name}: give {{}} or overrides of {', '.join(TASK_KEYS)}.")
+            continue
+        problems += [f"{key}.tasks.{name}.{k} cannot be set per stage; choose from {', '.join(TASK_KEYS)} "
+                     f"(set it in task.{name} for the whole run)." for k in settings if k not in TASK_KEYS]
+    return problems
+
+
+def stage_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The run's config with stage ``name``'s settings in place; interpolations such as a
+    scheduler's ``${trainer.max_epochs}`` resolve to the stage's values."""
+    stage = cfg.stages[name]
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.trainer.max_epochs = int(stage.epochs)
+        if stage.get("max_time") is not None:
+            out.trainer.max_time = stage.max_time
+        for key in ("optimizer", "scheduler"):
+            if key in stage:
+                out[key] = stage[key]
+        if stage.get("batch_size") is not None:
+            out.data.batch_size = stage.batch_size
+        if stage.get("every_n_epochs") is not None:
+            out.cluster.every_n_epochs = stage.every_n_epochs
+        for task, settings in stage.tasks.items():
+            out.task[task].start_epoch, out.task[task].stop_epoch = 0, None
+            for k, v in (settings or {}).items():
+                out.task[task][k] = v
+        for entry in (out.get("logger") or {}).values():  # each stage its own logged run
+            key = next((k for k in ("version", "run_name", "name") if isinstance(entry, DictConfig)
+                        and k in entry), None)
+            if key is not None:
+                entry[key] = name
+        out.stages = None
+    return out
+
+
+def plan_stages(cfg: DictConfig) -> list[Stage]:
+    """The run's stages in order (one, built from the run's own settings, without ``stages``)."""
+    if not has_stages(cfg):
+        weights = {n: float(t.get("weight", 1.0)) for n, t in cfg.task.items()}
+        return [Stage("", 0, cfg, weights)]
+    plan = []
+    for index, (name, stage) in enumerate(cfg.stages.items()):
+        scfg = stage_config(cfg, name)
+        settings = {t: OmegaConf.to_container(scfg.task[t], resolve=True) for t in stage.tasks}
+        settings = {t: {k: v for k, v in s.items() if k in TASK_KEYS} for t, s in settings.items()}
+        weights = {t: float(s.get("weight", 1.0)) for t, s in settings.items()}
+        plan.append(Stage(str(name), index, scfg, weights, settings, float(stage.get("backbone_lr", 1.0)),
+                          str(stage.get("refresh", "every"))))
+    return plan
