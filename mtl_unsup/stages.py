@@ -146,7 +146,7 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
                         and k in entry), None)
             if key is not None:
                 entry[key] = name
-        out.stages = None
+        out.stages, out.start_stage = None, None
     return out
 
 

@@ -1,0 +1,228 @@
+"""A run as stages: each its own optimiser, batch size, tasks, checkpoints and metrics; resumed
+inside a stage bit for bit; a later stage started from another run's stage checkpoint; every
+stage label-free; the debug presets run each stage."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from mtl_unsup.config import ConfigValueError
+from mtl_unsup.tasks import ScanTask
+from mtl_unsup.train import train
+
+from .conftest import compose_cfg, staged_overrides, write_shapes
+from .test_selection import permute_labels
+
+SCRIPT = Path(__file__).parent / "scripts" / "staged_run.py"
+STAGES = ("pretext", "scan", "selflabel")
+
+
+class Record(L.Callback):
+    """What each stage trains with: optimiser, learning rates, batch size, tasks, views."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0 and trainer.current_epoch == 0:
+            optimizer = trainer.optimizers[0]
+            self.seen.append({
+                "optimizer": type(optimizer).__name__, "lrs": [g["lr"] for g in optimizer.param_groups],
+                "batch": len(batch["index"]), "views": dict(module.view_counts),
+                "tasks": [n for n in module.tasks if module.task_active(n, 0)],
+                "backbone_params": sum(p.numel() for g in optimizer.param_groups for p in g["params"]
+                                       if any(p is q for q in module.backbone.parameters())),
+            })
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> tuple[Path, Path, dict, list[dict]]:
+    """The shapes folder and one uninterrupted staged run, with what each stage trained with."""
+    tmp = tmp_path_factory.mktemp("staged")
+    root = write_shapes(tmp / "shapes")
+    record = Record()
+    metrics = train(compose_cfg(tmp / "run", staged_overrides(root)), extra_callbacks=(record,))
+    return root, tmp / "run", metrics, record.seen
+
+
+def test_a_stage_switch_changes_optimizer_batch_size_tasks_and_views(staged):
+    _, _, _, seen = staged
+    assert [s["tasks"] for s in seen] == [["contrastive"], ["scan"], ["selflabel"]]
+    assert [s["optimizer"] for s in seen] == ["AdamW", "Adam", "AdamW"]
+    assert [s["batch"] for s in seen] == [16, 8, 16]
+    assert seen[0]["lrs"] == [0.002] and seen[1]["lrs"] == [0.001]
+    assert seen[2]["lrs"] == [0.001, 0.002]  # backbone_lr=0.5: the backbone in a group of its own
+    assert seen[2]["backbone_params"] > 0
+    assert seen[0]["views"] == {"strong": 2} and seen[1]["views"] == {"weak": 1}
+    assert seen[2]["views"] == {"plain": 1, "weak": 1}  # targets from the plain image
+
+
+def test_each_stage_leaves_its_checkpoint_and_metrics(staged):
+    _, run, metrics, _ = staged
+    for stage in STAGES:
+        assert (run / "checkpoints" / stage / "last.ckpt").is_file()
+        assert (run / stage / "epochs.jsonl").is_file()
+        assert (run / "csv" / stage / "metrics.csv").is_file()
+        assert f"{stage}/test/kmeans_acc" in metrics
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    assert "pretext/test/acc" not in saved  # no head had trained: k-means was the answer
+    for key in ("test/acc", "test/kmeans_nmi", "val/silhouette"):
+        assert saved[key] == saved[f"selflabel/{key}"]
+    assert list(json.loads((run / "stages.json").read_text())["done"]) == list(STAGES)
+    # the neighbours were mined once, when the scan stage started, and kept by the next
+    scan = torch.load(run / "checkpoints" / "scan" / "last.ckpt", weights_only=True)["task_states"]["scan"]
+    last = torch.load(run / "checkpoints" / "selflabel" / "last.ckpt", weights_only=True)
+    assert scan["epoch"] == 0 and torch.equal(last["task_states"]["scan"]["neighbours"], scan["neighbours"])
+    assert last["answer"].startswith("scan")  # the SCAN head, trained on by self-labelling
+
+
+def run_script(out: Path, kill_step: int, root: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, str(SCRIPT), str(out), str(kill_step), str(root), *extra],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigkill_inside_stage_two_then_resume_matches_an_uninterrupted_run(staged, tmp_path):
+    root, whole, _, _ = staged
+    uninterrupted = run_script(tmp_path / "whole", 0, root, "trainer.deterministic=true",
+                               "checkpoint.every_n_train_steps=3")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    killed_dir = tmp_path / "killed"
+    # scan stage: 42 images in batches of 8 = 5 steps an epoch; last.ckpt at step 6, killed at 7
+    killed = run_script(killed_dir, 7, root, "trainer.deterministic=true", "checkpoint.every_n_train_steps=3")
+    assert killed.returncode == -signal.SIGKILL
+    ckpt = torch.load(killed_dir / "checkpoints" / "scan" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1  # mid-epoch, inside the scan stage
+    assert list(json.loads((killed_dir / "stages.json").read_text())["done"]) == ["pretext"]
+    resumed = run_script(killed_dir, 0, root, "trainer.deterministic=true",
+                         "checkpoint.every_n_train_steps=3", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage 1 of 3: pretext (" not in resumed.stdout + resumed.stderr  # not trained again
+    ends = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "killed")}
+    assert ends["killed"] == ends["whole"]
+    for stage in ("scan", "selflabel"):
+        final = torch.load(killed_dir / "checkpoints" / stage / "last.ckpt", weights_only=True)
+        reference = torch.load(tmp_path / "whole" / "checkpoints" / stage / "last.ckpt", weights_only=True)
+        for name, value in reference["state_dict"].items():
+            assert torch.equal(final["state_dict"][name], value), (stage, name)
+
+
+def test_a_later_stage_starts_from_another_runs_stage_checkpoint(staged, tmp_path):
+    root, run, _, _ = staged
+    pretext = run / "checkpoints" / "pretext" / "last.ckpt"
+    metrics = train(compose_cfg(tmp_path / "sweep", [*staged_overrides(root), "start_stage=scan",
+                                                     f"ckpt_path={pretext}"]))
+    assert "scan/test/acc" in metrics and not any(k.startswith("pretext/") for k in metrics)
+    assert not (tmp_path / "sweep" / "checkpoints" / "pretext").exists()
+    # the neighbours are mined from the same pretext weights: the same neighbours
+    mined = [torch.load(d / "checkpoints" / "scan" / "last.ckpt", weights_only=True)["task_states"]["scan"]
+             for d in (run, tmp_path / "sweep")]
+    assert torch.equal(mined[0]["neighbours"], mined[1]["neighbours"])
+
+
+def test_no_stage_reads_labels(staged, tmp_path, monkeypatch):
+    root, _, _, _ = staged
+    overrides = [*staged_overrides(root), "trainer.deterministic=true"]
+    plain = train(compose_cfg(tmp_path / "a", overrides))
+    permute_labels(monkeypatch)
+    shuffled = train(compose_cfg(tmp_path / "b", overrides))
+    for stage in STAGES:
+        losses = [[json.loads(line)["train/loss"] for line in (tmp_path / d / stage / "epochs.jsonl")
+                   .read_text().splitlines()] for d in ("a", "b")]
+        assert losses[0] == losses[1], stage
+    assert {k: v for k, v in plain.items() if "silhouette" in k} == \
+        {k: v for k, v in shuffled.items() if "silhouette" in k}
+    assert plain["test/acc"] != shuffled["test/acc"] or plain["test/nmi"] != shuffled["test/nmi"]
+
+
+def test_debug_fdr_runs_every_stage_of_an_experiment_for_one_batch(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            folder = tmp_path / "rgb" / split / f"c{c}"
+            folder.mkdir(parents=True)
+            for i in range(12):
+                pixels = torch.randint(0, 60, (16, 16, 3), dtype=torch.uint8)
+                pixels[..., c] += 150
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    overrides = ["experiment=scan_cifar10", f"data.root={tmp_path / 'rgb'}", "debug=fdr",
+                 "backbone=small_cnn", "~backbone.cifar_stem", "backbone.widths=[8,16]",
+                 "data.image_size=16", "cluster.k=2", "cluster.pca_dim=4", "task.scan.num_neighbors=3",
+                 "print_config=false"]
+    cfg = compose_cfg(tmp_path / "run", overrides)
+    assert cfg.trainer.fast_dev_run and list(cfg.stages) == list(STAGES)
+    train(cfg)
+    for stage in STAGES:
+        rows = (tmp_path / "run" / stage / "epochs.jsonl").read_text().splitlines()
+        assert len(rows) == 1 and json.loads(rows[0])["step"] == 1, stage
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("+stages.scan.epoch=3", "stages.scan.epoch is not a stage setting"),
+    ("stages.scan.epochs=0", "stages.scan.epochs=0: give the stage's number of epochs"),
+    ("+stages.scan.tasks.rotation={}", "stages.scan.tasks.rotation is not in the run's task list"),
+    ("+stages.scan.tasks.scan.num_heads=3", "stages.scan.tasks.scan.num_heads cannot be set per stage"),
+    ("stages.scan.refresh=sometimes", "stages.scan.refresh='sometimes': use every, once, never"),
+    ("+stages.scan.backbone_lr=-1", "stages.scan.backbone_lr=-1"),
+    ("start_stage=scna", "start_stage='scna' is not a stage of this run"),
+])
+def test_stage_mistakes_stop_before_any_image_is_read_naming_the_key(tmp_path, override, says):
+    from mtl_unsup.config import check_config
+
+    cfg = compose_cfg(tmp_path, [*staged_overrides(tmp_path / "nowhere"), override])
+    with pytest.raises(ConfigValueError, match=says.replace("(", r"\(")):
+        check_config(cfg)
+
+
+def test_a_stage_that_keeps_targets_no_stage_made_says_so(staged, tmp_path):
+    root, _, _, _ = staged
+    overrides = [*staged_overrides(root), "stages.scan.refresh=never"]
+    with pytest.raises(ConfigValueError, match="trains task scan with refresh=never, but no earlier stage"):
+        train(compose_cfg(tmp_path, overrides))
+
+
+def test_a_scan_head_that_collapsed_is_no_answer_one_that_differs_from_kmeans_is():
+    from mtl_unsup.clustering.refresh import RefreshContext
+    from mtl_unsup.clustering.settings import ClusterSettings
+
+    features = torch.randn(60, 8)
+    ctx = RefreshContext(features, epoch=0, seed=0, settings=ClusterSettings(pca_dim=None), k=3)
+    task = ScanTask(num_neighbors=3)
+    task.build(8, 3)
+    task.trained_steps += 1
+    with torch.no_grad():  # clusters by the sign of two features: balanced, unlike k-means'
+        task.heads[0].weight.zero_()
+        task.heads[0].bias.zero_()
+        task.heads[0].weight[0, 0], task.heads[0].weight[1, 1] = 10.0, 10.0
+    assert task.finish(ctx) is None
+    with torch.no_grad():
+        task.heads[0].weight.zero_()
+        task.heads[0].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # one cluster for every image
+    state, why = task.finish(ctx)
+    assert not state["usable"] and "collapsed" in why and "1 of 3 clusters in use" in why
+
+
+@pytest.mark.slow
+def test_neighbours_mined_once_under_ddp_are_those_of_one_process(staged, tmp_path):
+    root, run, _, _ = staged
+    start = ["start_stage=scan", f"ckpt_path={run / 'checkpoints' / 'pretext' / 'last.ckpt'}", "~logger"]
+    two = run_script(tmp_path / "two", 0, root, *start, "trainer=ddp", "trainer.accelerator=cpu",
+                     "trainer.devices=2", "data.batch_size=8", "stages.scan.batch_size=4")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (two.stdout + two.stderr).count("stage 2 of 3: scan (") == 1  # rank 0 speaks, once
+    one = run_script(tmp_path / "one", 0, root, *start)
+    assert one.returncode == 0, one.stderr[-3000:]
+    mined = [torch.load(tmp_path / d / f"neighbours_rank{r}_of{n}.pt", weights_only=True)
+             for d, r, n in (("two", 0, 2), ("two", 1, 2), ("one", 0, 1))]
+    assert torch.equal(mined[0], mined[1]) and torch.equal(mined[0], mined[2])
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["scan/test/acc"] >= 0
