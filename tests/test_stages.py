@@ -156,7 +156,7 @@ def test_debug_fdr_runs_every_stage_of_an_experiment_for_one_batch(tmp_path):
                 pixels[..., c] += 150
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
     overrides = ["experiment=scan_cifar10", f"data.root={tmp_path / 'rgb'}", "debug=fdr",
-                 "backbone=small_cnn", "~backbone.cifar_stem", "backbone.widths=[8,16]",
+                 "backbone=small_cnn", "backbone.widths=[8,16]",
                  "data.image_size=16", "cluster.k=2", "cluster.pca_dim=4", "task.scan.num_neighbors=3",
                  "print_config=false"]
     cfg = compose_cfg(tmp_path / "run", overrides)

@@ -18,6 +18,7 @@ class ContrastiveTask(Task):
         hidden_dim: hidden size of the projector.
         gather_distributed: under DDP, contrast against every rank's batch (more negatives, the
             loss of the global batch) instead of the rank's own.
+        batch_norm: BatchNorm after the projector's hidden layer (SimCLR v2; SCAN's code has none).
     """
 
     num_views = 2
@@ -25,16 +26,17 @@ class ContrastiveTask(Task):
     def __init__(self, weight: float = 1.0, view: str = "strong", start_epoch: int = 0,
                  stop_epoch: int | None = None,
                  temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512,
-                 gather_distributed: bool = True) -> None:
+                 gather_distributed: bool = True, batch_norm: bool = True) -> None:
         super().__init__(weight, view, start_epoch, stop_epoch)
         if temperature <= 0:
             raise ValueError(f"task.contrastive.temperature must be > 0, got {temperature}")
         self.temperature, self.proj_dim, self.hidden_dim = temperature, proj_dim, hidden_dim
-        self.gather_distributed = gather_distributed
+        self.gather_distributed, self.batch_norm = gather_distributed, batch_norm
 
     def build(self, feature_dim: int, num_clusters: int) -> None:
+        norm = nn.BatchNorm1d(self.hidden_dim) if self.batch_norm else nn.Identity()
         self.projector = nn.Sequential(
-            nn.Linear(feature_dim, self.hidden_dim), nn.BatchNorm1d(self.hidden_dim),
+            nn.Linear(feature_dim, self.hidden_dim), norm,
             nn.ReLU(inplace=True), nn.Linear(self.hidden_dim, self.proj_dim),
         )
 
