@@ -26,8 +26,17 @@ from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.schedule import check_schedule
 from mtl_unsup.stages import Stage, plan_stages
-from mtl_unsup.training import (Run, adopt_checkpoint, build_model, build_trainer, fit_and_test,
-                                format_table, start_run, write_results, write_run_info)
+from mtl_unsup.training import (
+    Run,
+    adopt_checkpoint,
+    build_model,
+    build_trainer,
+    fit_and_test,
+    format_table,
+    start_run,
+    write_results,
+    write_run_info,
+)
 
 PROGRESS = "stages.json"
 
