@@ -12,12 +12,15 @@ so ``resume=true`` continues inside the stage that was running.
 from __future__ import annotations
 
 import json
+import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
@@ -100,6 +103,28 @@ def last_done_checkpoint(out_dir: Path, plan: list[Stage], first: int) -> Path |
     return path if path.is_file() else None
 
 
+def as_timedelta(value: Any) -> timedelta | None:
+    """A ``trainer.max_time`` value (``DD:HH:MM:SS`` or a dict such as ``{hours: 1}``)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        days, hours, minutes, seconds = (int(v) for v in value.split(":"))
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    return timedelta(**OmegaConf.to_container(value) if isinstance(value, DictConfig) else value)
+
+
+def cap_stage_time(stage: Stage, deadline: float | None) -> None:
+    """A run's ``trainer.max_time`` is the whole run's budget: each stage gets at most what is
+    left of it (and at most its own ``max_time``)."""
+    if deadline is None:
+        return
+    left = timedelta(seconds=max(1, int(deadline - time.monotonic())))
+    own = as_timedelta(stage.max_time)
+    cap = min(left, own) if own is not None else left
+    with open_dict(stage.cfg):
+        stage.cfg.trainer.max_time = {"seconds": int(cap.total_seconds())}
+
+
 def stage_table(plan: list[Stage], metrics: dict[str, dict[str, float]]) -> str:
     """One table per stage, in order."""
     blocks = []
@@ -114,7 +139,7 @@ def train_stages(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) 
     """Run every stage of ``cfg.stages`` in order; returns the metrics written to ``metrics.json``."""
     ckpt_path, out_dir = start_run(cfg)
     plan = plan_stages(cfg)
-    datamodule, module = build_model(plan[0].cfg)
+    datamodule, module = build_model(plan[0].cfg, staged=True)
     resuming = bool(ckpt_path) and (bool(cfg.resume) or
                                     Path(ckpt_path).resolve().is_relative_to(out_dir.resolve()))
     done = read_progress(out_dir) if resuming else {}
@@ -129,8 +154,11 @@ def train_stages(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) 
     elif previous is not None:
         module.load_weights(load_checkpoint(str(previous), key="resume"), str(previous))
     write_run_info(out_dir)
+    budget = as_timedelta(cfg.trainer.get("max_time"))
+    deadline = time.monotonic() + budget.total_seconds() if budget is not None else None
     run = None
     for stage in plan[first:]:
+        cap_stage_time(stage, deadline)
         fresh = stage.name != Path(resume_from or "").parent.name
         enter_stage(stage, module, datamodule, cfg.seed, fresh)
         ckpt_dir = out_dir / "checkpoints" / stage.name

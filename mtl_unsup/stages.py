@@ -8,7 +8,8 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
 - ``tasks``: the tasks this stage trains, each ``{}`` or with overrides of ``weight``, ``view``,
   ``weak_view``, ``start_epoch`` and ``stop_epoch`` (counted from the stage's first epoch);
   every task named must be in the run's ``task`` list, whose settings hold the rest.
-- ``epochs`` (required) and ``max_time`` (a time budget, ``DD:HH:MM:SS``).
+- ``epochs`` (required) and ``max_time`` (a time cap, ``DD:HH:MM:SS``). The run's own
+  ``trainer.max_time`` is the budget of all the stages together: each gets at most what is left.
 - ``optimizer`` and ``scheduler``: as the run's top-level keys (absent: the run's; a
   scheduler's ``${trainer.max_epochs}`` is the stage's epochs; ``scheduler: null``: constant).
 - ``batch_size``: of the stage's training batches (absent: ``data.batch_size``).
@@ -24,6 +25,7 @@ before any library loads.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,7 @@ class Stage:
         settings: task name -> the task attributes this stage sets.
         backbone_lr: the backbone's learning rate as a share of the optimiser's.
         refresh: ``every``, ``once`` or ``never``.
+        max_time: the stage's own time cap (``DD:HH:MM:SS``, a dict, or None).
     """
 
     name: str
@@ -57,6 +60,7 @@ class Stage:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone_lr: float = 1.0
     refresh: str = "every"
+    max_time: Any = None
 
 
 def has_stages(cfg: DictConfig) -> bool:
@@ -83,6 +87,11 @@ def stage_problems(cfg: DictConfig) -> list[str]:
         epochs = stage.get("epochs")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             problems.append(f"{key}.epochs={epochs!r}: give the stage's number of epochs (>= 1).")
+        cap = stage.get("max_time")
+        if cap is not None and not (isinstance(cap, DictConfig) or isinstance(cap, str)
+                                    and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", cap)):
+            problems.append(f"{key}.max_time={cap!r}: use DD:HH:MM:SS (00:01:30:00 for 90 "
+                            "minutes), a dict such as {minutes: 90}, or null.")
         if stage.get("refresh", "every") not in REFRESH:
             problems.append(f"{key}.refresh={stage.refresh!r}: use {', '.join(REFRESH)}.")
         lr = stage.get("backbone_lr", 1.0)
@@ -128,8 +137,8 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.trainer.max_epochs = int(stage.epochs)
-        if stage.get("max_time") is not None:
-            out.trainer.max_time = stage.max_time
+        # the run's trainer.max_time is the whole run's budget (the runner caps each stage)
+        out.trainer.max_time = stage.get("max_time")
         for key in ("optimizer", "scheduler"):
             if key in stage:
                 out[key] = stage[key]
@@ -162,5 +171,5 @@ def plan_stages(cfg: DictConfig) -> list[Stage]:
         settings = {t: {k: v for k, v in s.items() if k in TASK_KEYS} for t, s in settings.items()}
         weights = {t: float(s.get("weight", 1.0)) for t, s in settings.items()}
         plan.append(Stage(str(name), index, scfg, weights, settings, float(stage.get("backbone_lr", 1.0)),
-                          str(stage.get("refresh", "every"))))
+                          str(stage.get("refresh", "every")), stage.get("max_time")))
     return plan

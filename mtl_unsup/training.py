@@ -273,8 +273,9 @@ class Run:
     checkpoint: ModelCheckpoint
 
 
-def build_model(cfg: DictConfig) -> tuple[ImageFolderDataModule, MultiTaskModule]:
-    """Instantiate and check the data (every image read now) and the model with every task."""
+def build_model(cfg: DictConfig, staged: bool = False) -> tuple[ImageFolderDataModule, MultiTaskModule]:
+    """Instantiate and check the data (every image read now) and the model with every task
+    (``staged``: of every stage, whose schedules are checked as each stage starts)."""
     check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     tasks = build_tasks(cfg)
@@ -283,7 +284,7 @@ def build_model(cfg: DictConfig) -> tuple[ImageFolderDataModule, MultiTaskModule
     datamodule = build_datamodule(cfg)
     backbone = build_backbone(cfg, datamodule, tasks)
     check_selection(cfg, datamodule, tasks)
-    if not cfg.get("stages"):  # a staged run checks each stage's schedule as it starts
+    if not staged:
         check_schedule(cfg, tasks)
     module = MultiTaskModule(
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=instantiate(cfg.optimizer),

@@ -226,3 +226,24 @@ def test_neighbours_mined_once_under_ddp_are_those_of_one_process(staged, tmp_pa
              for d, r, n in (("two", 0, 2), ("two", 1, 2), ("one", 0, 1))]
     assert torch.equal(mined[0], mined[1]) and torch.equal(mined[0], mined[2])
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["scan/test/acc"] >= 0
+
+
+def test_the_runs_max_time_is_shared_by_its_stages(tmp_path):
+    import time
+
+    from mtl_unsup.staged import cap_stage_time
+    from mtl_unsup.stages import plan_stages
+
+    cfg = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.max_time=00:00:01:00",
+                                 "trainer.max_time=00:00:10:00"])
+    pretext, scan, _ = plan_stages(cfg)
+    assert pretext.cfg.trainer.max_time is None and scan.cfg.trainer.max_time == "00:00:01:00"
+    cap_stage_time(pretext, time.monotonic() + 300)  # 5 minutes of the run's 10 are left
+    cap_stage_time(scan, time.monotonic() + 300)  # its own minute is less
+    assert 295 <= pretext.cfg.trainer.max_time["seconds"] <= 300
+    assert scan.cfg.trainer.max_time == {"seconds": 60}
+    bad = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.max_time=90min"])
+    from mtl_unsup.config import check_config
+
+    with pytest.raises(ConfigValueError, match=r"stages.scan.max_time='90min': use DD:HH:MM:SS"):
+        check_config(bad)
