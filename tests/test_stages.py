@@ -247,3 +247,27 @@ def test_the_runs_max_time_is_shared_by_its_stages(tmp_path):
 
     with pytest.raises(ConfigValueError, match=r"stages.scan.max_time='90min': use DD:HH:MM:SS"):
         check_config(bad)
+
+
+@pytest.mark.parametrize("name", ["scan_cifar10", "scan_cifar10_cpu", "scan_fashion_mnist", "scan_mnist"])
+def test_each_staged_experiment_composes_into_stages_that_build(tmp_path, name):
+    from hydra.utils import instantiate
+
+    from mtl_unsup.config import check_config
+    from mtl_unsup.staged import as_timedelta
+    from mtl_unsup.stages import plan_stages
+    from mtl_unsup.train import build_tasks
+
+    cfg = compose_cfg(tmp_path, [f"experiment={name}", "data.root=/nowhere"])
+    check_config(cfg)
+    build_tasks(cfg)
+    plan = plan_stages(cfg)
+    assert [s.name for s in plan] == list(STAGES) and [s.refresh for s in plan] == ["every", "once", "never"]
+    for stage in plan:
+        instantiate(stage.cfg.optimizer)
+        if stage.cfg.scheduler:  # the cosine schedule spans the stage's own epochs
+            assert stage.cfg.scheduler.T_max == stage.cfg.trainer.max_epochs
+    assert plan[2].settings["selflabel"].get("weak_view", cfg.task.selflabel.weak_view) == "plain"
+    budget = as_timedelta(cfg.trainer.max_time)
+    if budget is not None:  # a CPU-sized protocol: the stages' caps fit the run's budget
+        assert sum((as_timedelta(s.max_time) for s in plan), start=budget * 0) <= budget
