@@ -87,16 +87,16 @@ def build_datamodule(cfg: DictConfig) -> Any:
 
 
 def check_sizes(module: MultiTaskModule, num_train: int) -> None:
-    """Every clustering head's k and SCAN's neighbour count fit the training set, checked now
+    """Every clustering head's k and every provider's targets fit the training set, checked now
     rather than at the first refresh."""
     for head, (task, _, k) in module.heads.items():
         if k > num_train and module.tasks[task].refreshes:
             raise DataError(f"The {head} head has {k} clusters, more than the {num_train} training "
                             f"images. Lower task.{task}.k / k_factor, or cluster.k.")
     for name, task in module.tasks.items():
-        if getattr(task, "num_neighbors", 0) >= num_train:
-            raise DataError(f"task.{name}.num_neighbors={task.num_neighbors} needs more training "
-                            f"images than the {num_train} there are. Lower it.")
+        problem = task.size_problem(num_train) if task.refreshes else None
+        if problem:
+            raise DataError(f"task.{name}.{problem}")
 
 
 def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: dict[str, Any]) -> None:

@@ -121,9 +121,7 @@ class PseudoLabelCallback(L.Callback):
                 features: torch.Tensor) -> RefreshContext:
         previous: dict[int, torch.Tensor] = {}
         for task in module.tasks.values():  # the module's own k-means wins for its k
-            state = getattr(task, "state", None)
-            if isinstance(state, ClusterState):
-                previous[state.k] = state.labels
+            previous.update(task.previous_labels())
         if module.cluster_state is not None:
             previous[module.cluster_state.k] = module.cluster_state.labels
         previous = {k: v for k, v in previous.items() if len(v) == len(features)}

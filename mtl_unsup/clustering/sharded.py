@@ -238,11 +238,9 @@ class ShardedContext:
 def check_sharded_tasks(tasks: dict[str, Any]) -> None:
     """Refuse, naming them, the tasks whose targets need every row on one rank."""
     from mtl_unsup.config import ConfigValueError
-    from mtl_unsup.tasks.cluster import ClusterTask
 
-    others = [name for name, task in tasks.items() if task.refreshes and not isinstance(task, ClusterTask)]
-    if others:
-        raise ConfigValueError(
-            f"cluster.sharded=true clusters with k-means only, but task {', '.join(others)} needs "
-            "nearest neighbours over the whole training set: drop it from task=[...] or set "
-            "cluster.sharded=false.")
+    for name, task in tasks.items():
+        if task.refreshes and task.needs_all_rows:
+            raise ConfigValueError(
+                f"cluster.sharded=true clusters with k-means only, but task {name} needs "
+                f"{task.needs_all_rows}: drop it from task=[...] or set cluster.sharded=false.")

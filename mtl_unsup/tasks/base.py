@@ -112,6 +112,20 @@ class Task(nn.Module):
                 and (self.stop_epoch is None or epoch < self.stop_epoch))
 
     # ------------------------------------------------------------- dataset-level targets
+    # A provider of dataset-level targets (``refreshes``) says what it needs, so that the checks
+    # of shared code (data size, sharded clustering, warm starts) ask it instead of its class.
+    # what its targets need that only every training row on one rank gives (None: nothing)
+    needs_all_rows: str | None = None
+
+    def size_problem(self, num_train: int) -> str | None:
+        """Why ``num_train`` training images are too few for this task's targets (None: enough);
+        a sentence that names the setting to lower."""
+        return None
+
+    def previous_labels(self) -> dict[int, torch.Tensor]:
+        """k -> the cluster labels this task holds, by dataset index (k-means starts from them)."""
+        return {}
+
     def refresh(self, ctx: Any) -> Any:
         """New dataset-level state from the training set's features (rank 0 only; returns a
         picklable object that every rank then :meth:`adopt`\\ s)."""

@@ -128,6 +128,9 @@ class ClusterTask(Task):
             self.head.set_centroids(state.centroids, self.head_temperature)
 
     # ------------------------------------------------------------- clustering heads
+    def previous_labels(self) -> dict[int, torch.Tensor]:
+        return {self.state.k: self.state.labels} if self.state is not None else {}
+
     def answer_ready(self) -> bool:
         return self.state is not None  # its head was set from a clustering
 

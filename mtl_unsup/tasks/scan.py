@@ -61,6 +61,7 @@ class ScanTask(Task):
 
     refreshes = True
     has_cluster_heads = True
+    needs_all_rows = "nearest neighbours over the whole training set"
     stage = 1
 
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
@@ -102,6 +103,12 @@ class ScanTask(Task):
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------- dataset-level targets
+    def size_problem(self, num_train: int) -> str | None:
+        if self.num_neighbors < num_train:
+            return None
+        return (f"num_neighbors={self.num_neighbors} needs more training images than the {num_train} "
+                "there are. Lower it.")
+
     def refresh(self, ctx: RefreshContext) -> dict[str, Any]:
         if self._projector:
             neighbours = nearest_neighbours(self._projector[0].project(ctx.features), self.num_neighbors)
