@@ -122,7 +122,13 @@ def cap_stage_time(stage: Stage, deadline: float | None) -> None:
     own = as_timedelta(stage.max_time)
     cap = min(left, own) if own is not None else left
     with open_dict(stage.cfg):
-        stage.cfg.trainer.max_time = {"seconds": int(cap.total_seconds())}
+        stage.cfg.trainer.max_time = max_time_string(cap)
+
+
+def max_time_string(value: timedelta) -> str:
+    """``DD:HH:MM:SS``, as ``trainer.max_time`` takes it."""
+    seconds = int(value.total_seconds())
+    return f"{seconds // 86400:02d}:{seconds // 3600 % 24:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def stage_table(plan: list[Stage], metrics: dict[str, dict[str, float]]) -> str:

@@ -313,7 +313,9 @@ def build_trainer(cfg: DictConfig, ckpt_dir: Path | None = None, history_dir: Pa
     if cfg.trainer.get("sync_batchnorm") and on_cpu:
         rank_zero_warn("trainer.sync_batchnorm needs GPUs (SyncBatchNorm); off for this CPU run.")
         extra["sync_batchnorm"] = False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **extra)
+    # _convert_: a dict value (trainer.max_time={hours: 12}) reaches Lightning as a dict
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all",
+                                     **extra)
     return trainer, checkpoint
 
 

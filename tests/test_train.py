@@ -191,3 +191,9 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_named_before_training(shapes_dir, 
     with pytest.raises(CheckpointError, match=r"ckpt_path='.*junk\.ckpt' cannot be read"):
         train(compose_cfg(tmp_path / "run", [*tiny_folder_overrides(shapes_dir), f"ckpt_path={junk}"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_time_budget_given_as_a_dict_reaches_lightning(shapes_dir, tmp_path):
+    overrides = [*tiny_folder_overrides(shapes_dir), "trainer.max_time={minutes: 5}"]
+    metrics = train(compose_cfg(tmp_path, overrides))
+    assert "test/kmeans_acc" in metrics
