@@ -22,24 +22,16 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl_unsup.build import Run, build_model, build_trainer
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
 from mtl_unsup.history import HISTORY
 from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import MultiTaskModule
+from mtl_unsup.results import format_table, write_results, write_run_info
 from mtl_unsup.schedule import check_schedule
 from mtl_unsup.stages import Stage, plan_stages
-from mtl_unsup.training import (
-    Run,
-    adopt_checkpoint,
-    build_model,
-    build_trainer,
-    fit_and_test,
-    format_table,
-    start_run,
-    write_results,
-    write_run_info,
-)
+from mtl_unsup.training import adopt_checkpoint, fit_and_test, start_run
 
 PROGRESS = "stages.json"
 
