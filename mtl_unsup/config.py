@@ -226,6 +226,8 @@ class TrainConfig:
     # run's checkpoint of the stage before it, ckpt_path=.../checkpoints/<stage>/last.ckpt).
     stages: Any = None
     start_stage: str | None = None
+    # at most this many epochs in each stage (the debug presets set it; null: each its own)
+    max_stage_epochs: int | None = None
 
 
 # mtl-evaluate's baselines on the model's features (mtl_unsup.baselines)

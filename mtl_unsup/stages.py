@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -61,6 +62,22 @@ class Stage:
     backbone_lr: float = 1.0
     refresh: str = "every"
     max_time: Any = None
+
+
+def as_timedelta(value: Any) -> timedelta | None:
+    """A ``max_time`` value (``DD:HH:MM:SS`` or a dict such as ``{hours: 1}``; None: none)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        days, hours, minutes, seconds = (int(v) for v in value.split(":"))
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    return timedelta(**OmegaConf.to_container(value) if isinstance(value, DictConfig) else value)
+
+
+def max_time_string(seconds: float) -> str:
+    """``DD:HH:MM:SS``, as Lightning's ``max_time`` takes it."""
+    s = int(seconds)
+    return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def has_stages(cfg: DictConfig) -> bool:
@@ -100,6 +117,12 @@ def stage_problems(cfg: DictConfig) -> list[str]:
         every = stage.get("every_n_epochs")
         if every is not None and (not isinstance(every, int) or every < 1):
             problems.append(f"{key}.every_n_epochs={every!r}: must be >= 1.")
+        for part in ("optimizer", "scheduler"):
+            value = stage.get(part)
+            if isinstance(value, DictConfig) and "_target_" not in value:
+                problems.append(f"{key}.{part} has no _target_: a stage's {part} replaces the run's "
+                                "whole, so give all of it (e.g. _target_: torch.optim.Adam, "
+                                "_partial_: true, lr: 0.001).")
         size = stage.get("batch_size")
         if size is not None and (not isinstance(size, int) or size < 2):
             problems.append(f"{key}.batch_size={size!r}: must be >= 2.")
@@ -108,6 +131,12 @@ def stage_problems(cfg: DictConfig) -> list[str]:
     if start is not None and start not in stages:
         problems.append(f"start_stage={start!r} is not a stage of this run; choose one of "
                         f"{', '.join(stages) or '(none: stages is empty)'}.")
+    elif start is not None and start != next(iter(stages)) and not cfg.get("ckpt_path"):
+        problems.append(f"start_stage={start} starts from the model the stage before it left: give "
+                        "that checkpoint, ckpt_path=<run>/checkpoints/<stage before>/last.ckpt.")
+    cap = cfg.get("max_stage_epochs")
+    if cap is not None and (not isinstance(cap, int) or cap < 1):
+        problems.append(f"max_stage_epochs={cap!r}: must be >= 1, or null.")
     return problems
 
 
@@ -136,7 +165,8 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     stage = cfg.stages[name]
     out = copy.deepcopy(cfg)
     with open_dict(out):
-        out.trainer.max_epochs = int(stage.epochs)
+        cap = cfg.get("max_stage_epochs")  # the debug presets' limit
+        out.trainer.max_epochs = int(stage.epochs) if cap is None else min(int(stage.epochs), int(cap))
         # the run's trainer.max_time is the whole run's budget (the runner caps each stage)
         out.trainer.max_time = stage.get("max_time")
         for key in ("optimizer", "scheduler"):

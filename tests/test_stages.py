@@ -17,7 +17,7 @@ from mtl_unsup.config import ConfigValueError
 from mtl_unsup.tasks import ScanTask
 from mtl_unsup.train import train
 
-from .conftest import compose_cfg, staged_overrides, write_shapes
+from .conftest import compose_cfg, staged_overrides, tiny_folder_overrides, write_shapes
 from .test_selection import permute_labels
 
 SCRIPT = Path(__file__).parent / "scripts" / "staged_run.py"
@@ -175,6 +175,9 @@ def test_debug_fdr_runs_every_stage_of_an_experiment_for_one_batch(tmp_path):
     ("stages.scan.refresh=sometimes", "stages.scan.refresh='sometimes': use every, once, never"),
     ("+stages.scan.backbone_lr=-1", "stages.scan.backbone_lr=-1"),
     ("start_stage=scna", "start_stage='scna' is not a stage of this run"),
+    ("start_stage=scan", "start_stage=scan starts from the model the stage before it left: give"),
+    ("+stages.selflabel.optimizer={lr: 0.1}", "stages.selflabel.optimizer has no _target_"),
+    ("max_stage_epochs=0", "max_stage_epochs=0: must be >= 1"),
 ])
 def test_stage_mistakes_stop_before_any_image_is_read_naming_the_key(tmp_path, override, says):
     from mtl_unsup.config import check_config
@@ -254,8 +257,7 @@ def test_each_staged_experiment_composes_into_stages_that_build(tmp_path, name):
     from hydra.utils import instantiate
 
     from mtl_unsup.config import check_config
-    from mtl_unsup.staged import as_timedelta
-    from mtl_unsup.stages import plan_stages
+    from mtl_unsup.stages import as_timedelta, plan_stages
     from mtl_unsup.train import build_tasks
 
     cfg = compose_cfg(tmp_path, [f"experiment={name}", "data.root=/nowhere"])
@@ -279,3 +281,90 @@ def test_a_staged_run_within_a_time_budget_runs_every_stage(staged, tmp_path):
                  "+stages.scan.max_time=00:00:05:00"]
     metrics = train(compose_cfg(tmp_path, overrides))
     assert all(f"{stage}/test/kmeans_acc" in metrics for stage in STAGES)
+
+
+@pytest.mark.parametrize(("override", "says"), [
+    ("+stages.pretext.tasks.contrastive.weak_view=plain", "stages.pretext.tasks.contrastive.weak_view: task "
+     "contrastive has no setting weak_view"),
+    ("+stages.selflabel.tasks.selflabel.weak_view=sharp", "stages.selflabel.tasks.selflabel reads the view "
+     "'sharp', which is not in data.augmentations"),
+])
+def test_a_later_stages_mistake_stops_the_run_before_any_stage_trains(staged, tmp_path, override, says):
+    root, _, _, _ = staged
+    with pytest.raises(ConfigValueError, match=says):
+        train(compose_cfg(tmp_path, [*staged_overrides(root), override]))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_killed_after_its_last_stage_writes_its_results_on_resume(staged, tmp_path):
+    import shutil
+
+    root, run, metrics, _ = staged
+    shutil.copytree(run, tmp_path / "run")
+    (tmp_path / "run" / "metrics.json").unlink()  # killed between the last stage and the results
+    again = train(compose_cfg(tmp_path / "run", [*staged_overrides(root), "resume=true"]))
+    assert again == pytest.approx(metrics)
+    with pytest.raises(ConfigValueError, match="Every stage of the run in .* is done"):
+        train(compose_cfg(tmp_path / "run", [*staged_overrides(root), "resume=true"]))
+
+
+def test_resume_true_with_another_runs_checkpoint_starts_from_its_weights(staged, tmp_path):
+    root, run, _, _ = staged
+    pretext = run / "checkpoints" / "pretext" / "last.ckpt"
+    metrics = train(compose_cfg(tmp_path / "b", [*staged_overrides(root), "start_stage=scan",
+                                                 f"ckpt_path={pretext}", "resume=true"]))
+    mined = [torch.load(d / "checkpoints" / "scan" / "last.ckpt", weights_only=True)["task_states"]["scan"]
+             for d in (run, tmp_path / "b")]
+    assert torch.equal(mined[0]["neighbours"], mined[1]["neighbours"]) and "pretext/test/acc" not in metrics
+
+
+class Interrupted(Exception):
+    pass
+
+
+class KillInStage(L.Callback):
+    """Raises inside a stage's second epoch, after its checkpoint of step 6 (an interrupted run)."""
+
+    def __init__(self, stage: int) -> None:
+        self.stage = stage
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        if module.stage_index == self.stage and trainer.global_step == 7:
+            raise Interrupted
+
+
+def test_a_stage_that_keeps_its_targets_resumes_inside_itself(staged, tmp_path):
+    root, _, _, _ = staged
+    # a k-means-target stage, then a fine-tuning stage on the same targets, interrupted inside it
+    overrides = [*tiny_folder_overrides(root), "task=[contrastive,cluster]",
+                 "checkpoint.every_n_train_steps=3", "data.batch_size=8",
+                 "+stages.kmeans.tasks={cluster: {}, contrastive: {}}", "+stages.kmeans.epochs=2",
+                 "+stages.tune.tasks.cluster={}", "+stages.tune.epochs=2", "+stages.tune.refresh=never"]
+    with pytest.raises(Interrupted):
+        train(compose_cfg(tmp_path, overrides), extra_callbacks=(KillInStage(1),))
+    assert torch.load(tmp_path / "checkpoints" / "tune" / "last.ckpt", weights_only=True)["global_step"] == 6
+    metrics = train(compose_cfg(tmp_path, [*overrides, "resume=true"]))
+    assert "tune/test/acc" in metrics and "kmeans/test/acc" in metrics
+
+
+def test_debug_presets_cap_every_stage(tmp_path):
+    from mtl_unsup.stages import plan_stages
+
+    cfg = compose_cfg(tmp_path, ["experiment=scan_cifar10", "data.root=/nowhere", "debug=limit"])
+    assert [s.cfg.trainer.max_epochs for s in plan_stages(cfg)] == [3, 3, 3]
+
+
+def test_self_labelling_that_collapses_the_scan_head_is_caught(staged, tmp_path):
+    root, _, _, _ = staged
+
+    class Collapse(L.Callback):
+        def on_train_epoch_end(self, trainer, module) -> None:
+            if module.stage_index == 2 and trainer.current_epoch == trainer.max_epochs - 1:
+                with torch.no_grad():
+                    for head in module.tasks["scan"].heads:
+                        head.weight.zero_()
+                        head.bias.copy_(torch.tensor([10.0, 0.0, 0.0]))
+
+    train(compose_cfg(tmp_path, staged_overrides(root)), extra_callbacks=(Collapse(),))
+    last = torch.load(tmp_path / "checkpoints" / "selflabel" / "last.ckpt", weights_only=True)
+    assert last["answer"] == "kmeans" and not last["task_states"]["scan"]["usable"]

@@ -59,6 +59,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_unsup.stages import max_time_string
+
 # The training overrides of the "ours" row: SCAN's protocol as stages, sized for CPUs.
 DEFAULT_OURS = "experiment=scan_cifar10_cpu"
 METHODS = ("lightly", "umap", "ours")
@@ -153,13 +155,6 @@ def auto_image_size(folder: Path) -> int:
 def budget_seconds(minutes: float) -> int:
     """The budget in whole seconds (at least one)."""
     return max(1, round(minutes * 60))
-
-
-def max_time_string(seconds: int) -> str:
-    """Lightning's ``max_time`` as ``DD:HH:MM:SS``."""
-    days, rest = divmod(int(seconds), 86400)
-    hours, rest = divmod(rest, 3600)
-    return f"{days:02d}:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def steps_per_epoch(n_images: int, batch_size: int) -> int:

@@ -244,7 +244,9 @@ class PseudoLabelCallback(L.Callback):
             # with cluster.k=auto, k is chosen here only if no refresh chose it (the heads trained
             # at the k of the last refresh)
             scores = ctx.choose_k() if self.auto and module.cluster_state is None else None
-            replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if module.task_weight(n) > 0}
+            trained = {n for n in module.tasks if module.task_weight(n) > 0}
+            trained |= {h for n in trained for h in module.tasks[n].trains_heads_of()}
+            replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if n in trained}
             payload = (ctx.kmeans(ctx.k), {n: r for n, r in replaced.items() if r is not None}, scores)
         state, replaced, scores = self.shared(trainer, payload)
         if scores is not None:

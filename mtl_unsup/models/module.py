@@ -151,6 +151,7 @@ class MultiTaskModule(L.LightningModule):
             self.backbone.frozen = self._stage_frozen
             self.backbone.requires_grad_(not self._stage_frozen)
         self.view_counts = self._view_counts()
+        self._rng_to_restore = None  # a resumed stage's checkpoint sets them again
         if self.feature_bank is not None:  # the previous stage's features describe another model
             self.feature_bank.clear()
 

@@ -100,6 +100,11 @@ class Task(nn.Module):
     def bind(self, tasks: Mapping[str, Task]) -> None:
         """Called once every task is built, for a task that works on another's head."""
 
+    def trains_heads_of(self) -> list[str]:
+        """The other tasks whose clustering heads this task trains (their end-of-training check
+        runs when this one trains)."""
+        return []
+
     def loss(self, batch: TaskBatch) -> torch.Tensor:
         raise NotImplementedError
 

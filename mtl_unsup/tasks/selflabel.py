@@ -88,6 +88,9 @@ class SelfLabelTask(Task):
         self.source = name
         self._source = [source]
 
+    def trains_heads_of(self) -> list[str]:
+        return [self.source]
+
     def _auto_source(self, tasks: Mapping[str, Task]) -> str | None:
         """The task whose head would answer: a head of the run's k, the latest pipeline stage."""
         best, rank = None, None
