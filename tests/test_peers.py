@@ -162,3 +162,15 @@ def test_embeddings_are_clustered_on_train_and_scored_on_test(tmp_path: Path):
              test_labels=(test_labels + 1) % 3)  # cluster ids need not match class ids
     scores = peers.cluster_embeddings(tmp_path / "e.npz", 3, 0)
     assert scores["acc"] == pytest.approx(1.0) and scores["nmi"] == pytest.approx(1.0)
+
+
+def test_a_staged_run_is_described_stage_by_stage(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "trainer: {max_epochs: 80}\nstages: {pretext: {epochs: 3}, scan: {epochs: 2}}\n")
+    for name, rows in (("pretext", 3), ("scan", 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "epochs.jsonl").write_text("{}\n" * rows)
+    metrics = {"pretext/test/kmeans_acc": 0.4, "scan/test/acc": 0.45, "scan/test/kmeans_acc": 0.3}
+    assert peers.epochs_run(tmp_path, metrics) == ("pretext 3 of 3 epochs, ACC 0.400; "
+                                                   "scan 1 of 2 epochs, ACC 0.450")

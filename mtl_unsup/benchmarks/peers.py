@@ -412,14 +412,26 @@ def ours_command(split: Split, ours: str, k: int, budget_s: int, seed: int, run_
             "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
 
 
-def epochs_run(run_dir: Path) -> str:
-    """``N of M epochs``: how far the run got, from its history and its composed config."""
+def epochs_run(run_dir: Path, metrics: dict[str, float] | None = None) -> str:
+    """``N of M epochs``: how far the run got, from its history and its composed config; for a run
+    of stages, each stage's, with the held-out ACC it ended with (its answer head's, else k-means')."""
     from omegaconf import OmegaConf
 
-    history, config = run_dir / "epochs.jsonl", run_dir / ".hydra" / "config.yaml"
-    done = len(history.read_text().splitlines()) if history.exists() else 0
-    planned = OmegaConf.load(config).trainer.max_epochs if config.exists() else "?"
-    return f"{done} of {planned} epochs"
+    config = run_dir / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(config) if config.exists() else None
+
+    def count(history: Path) -> int:
+        return len(history.read_text().splitlines()) if history.exists() else 0
+
+    if cfg is None or not cfg.get("stages"):
+        planned = cfg.trainer.max_epochs if cfg is not None else "?"
+        return f"{count(run_dir / 'epochs.jsonl')} of {planned} epochs"
+    parts = []
+    for name, stage in cfg.stages.items():
+        acc = (metrics or {}).get(f"{name}/test/acc", (metrics or {}).get(f"{name}/test/kmeans_acc"))
+        score = f", ACC {acc:.3f}" if acc is not None else ""
+        parts.append(f"{name} {count(run_dir / name / 'epochs.jsonl')} of {stage.epochs} epochs{score}")
+    return "; ".join(parts)
 
 
 def ours_row(split: Split, ours: str, k: int, budget_s: int, seed: int, run_dir: Path,
@@ -438,7 +450,8 @@ def ours_row(split: Split, ours: str, k: int, budget_s: int, seed: int, run_dir:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     row.acc, row.nmi = metrics.get("test/acc"), metrics.get("test/nmi")
     what = f"`{ours}`" if len(ours) <= 60 else "`--ours` as in the command below"
-    row.notes = (f"{cpu}; {what}, trainer.max_time {max_time_string(budget_s)}: {epochs_run(run_dir)}; "
+    row.notes = (f"{cpu}; {what}, trainer.max_time {max_time_string(budget_s)}: "
+                 f"{epochs_run(run_dir, metrics)}; "
                  f"k-means on its features: ACC {metrics.get('test/kmeans_acc', float('nan')):.3f}")
     return row
 
