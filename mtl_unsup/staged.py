@@ -98,8 +98,11 @@ def where_to_start(plan: list[Stage], out_dir: Path, resuming: bool, done: dict[
     stage (its own ``last.ckpt``) or from the end of the stage before (that stage's)."""
     first = next((i for i, s in enumerate(plan) if s.name not in done), len(plan)) if resuming else (
         [s.name for s in plan].index(start_stage) if start_stage else 0)
-    if not resuming or first == len(plan):
+    if not resuming:
         return first, None
+    if first == len(plan):  # every stage done: the last one's model writes the results
+        last = out_dir / "checkpoints" / plan[-1].name / "last.ckpt"
+        return first, last if last.is_file() else None
     own = out_dir / "checkpoints" / plan[first].name / "last.ckpt"
     before = out_dir / "checkpoints" / plan[first - 1].name / "last.ckpt" if first else None
     return first, own if own.is_file() else before if before is not None and before.is_file() else None

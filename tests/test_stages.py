@@ -296,7 +296,7 @@ def test_a_later_stages_mistake_stops_the_run_before_any_stage_trains(staged, tm
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_run_killed_after_its_last_stage_writes_its_results_on_resume(staged, tmp_path):
+def test_a_run_killed_after_its_last_stage_writes_its_results_on_resume(staged, tmp_path, capsys):
     import shutil
 
     root, run, metrics, _ = staged
@@ -304,6 +304,8 @@ def test_a_run_killed_after_its_last_stage_writes_its_results_on_resume(staged, 
     (tmp_path / "run" / "metrics.json").unlink()  # killed between the last stage and the results
     again = train(compose_cfg(tmp_path / "run", [*staged_overrides(root), "resume=true"]))
     assert again == pytest.approx(metrics)
+    answer = torch.load(run / "checkpoints" / "selflabel" / "last.ckpt", weights_only=True)["answer"]
+    assert f"answer:     {answer} " in capsys.readouterr().out  # the last stage's model, loaded
     with pytest.raises(ConfigValueError, match="Every stage of the run in .* is done"):
         train(compose_cfg(tmp_path / "run", [*staged_overrides(root), "resume=true"]))
 
