@@ -86,15 +86,21 @@ def check_sizes(module: MultiTaskModule, num_train: int) -> None:
             raise DataError(f"task.{name}.{problem}")
 
 
-def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: dict[str, Any]) -> None:
+def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: dict[str, Any],
+                    weights: dict[str, float] | None = None, objective: bool = True) -> None:
     """The checkpoint monitor and the sweep objective: label-free unless named on purpose.
 
     Each must be a metric this run logs (during training for the monitor, at the end for the
     objective), checked before training: a misspelt or impossible one stops the run naming the
     choices. One that reads ground-truth labels is allowed when named, and the run says so.
+    ``weights``: of the tasks that train (a stage's; None: each task's own); ``objective``:
+    whether the run's end is this one's (a staged run's last stage).
     """
-    has_head = any(task.has_cluster_heads and task.weight > 0 for task in tasks.values())
-    during_fit = {"train/loss", *(f"train/loss_{n}" for n, t in tasks.items() if t.weight > 0)}
+    weights = weights if weights is not None else {n: t.weight for n, t in tasks.items()}
+    trained = {n for n, w in weights.items() if w > 0}
+    trained |= {h for n in trained for h in tasks[n].trains_heads_of() if h in tasks}  # once bound
+    has_head = any(tasks[n].has_cluster_heads for n in trained)
+    during_fit = {"train/loss", *(f"train/loss_{n}" for n, w in weights.items() if w > 0)}
 
     def names(split: str) -> set[str]:
         size = len(datamodule.splits.get(split, ()))
@@ -102,8 +108,8 @@ def check_selection(cfg: DictConfig, datamodule: ImageFolderDataModule, tasks: d
 
     during_fit |= names("val")
     at_end = set().union(*(names(split) for split in datamodule.eval_splits()))
-    for key, choices in (("checkpoint.monitor", during_fit), ("callbacks.early_stopping.monitor", during_fit),
-                         ("optimized_metric", at_end)):
+    checks = [("checkpoint.monitor", during_fit), ("callbacks.early_stopping.monitor", during_fit)]
+    for key, choices in checks + ([("optimized_metric", at_end)] if objective else []):
         metric = OmegaConf.select(cfg, key)
         if not metric:
             continue
@@ -215,8 +221,8 @@ def build_model(cfg: DictConfig, staged: bool = False) -> tuple[ImageFolderDataM
         check_sharded_tasks(tasks)
     datamodule = build_datamodule(cfg)
     backbone = build_backbone(cfg, datamodule, tasks)
-    check_selection(cfg, datamodule, tasks)
-    if not staged:
+    if not staged:  # a staged run checks them stage by stage (mtl_unsup.staged)
+        check_selection(cfg, datamodule, tasks)
         check_schedule(cfg, tasks)
     module = MultiTaskModule(
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=instantiate(cfg.optimizer),

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from mtl_unsup.build import Run, build_model, build_trainer
+from mtl_unsup.build import Run, build_model, build_trainer, check_selection
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
 from mtl_unsup.history import HISTORY
@@ -139,6 +139,9 @@ def train_stages(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) 
         base.task = copy.deepcopy(cfg.task)
     datamodule, module = build_model(base, staged=True)
     check_stage_settings(plan, module)
+    tasks = dict(module.tasks.items())
+    for stage in plan:  # the monitor must be logged by every stage, the objective at the end
+        check_selection(stage.cfg, datamodule, tasks, stage.weights, objective=stage is plan[-1])
     probe = Run(datamodule, module, None, None)  # type: ignore[arg-type]
     # a checkpoint of this run directory is resumed; any other gives its weights (and targets)
     resuming = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())

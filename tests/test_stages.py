@@ -187,6 +187,14 @@ def test_stage_mistakes_stop_before_any_image_is_read_naming_the_key(tmp_path, o
         check_config(cfg)
 
 
+def test_a_checkpoint_monitor_a_stage_never_logs_is_named_before_training(staged, tmp_path):
+    root, _, _, _ = staged
+    overrides = [*staged_overrides(root), "checkpoint.monitor=train/loss_scan", "checkpoint.mode=min"]
+    with pytest.raises(ConfigValueError, match="checkpoint.monitor=train/loss_scan is not a metric"):
+        train(compose_cfg(tmp_path, overrides))
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_stage_that_keeps_targets_no_stage_made_says_so(staged, tmp_path):
     root, _, _, _ = staged
     overrides = [*staged_overrides(root), "stages.scan.refresh=never"]
