@@ -11,7 +11,6 @@ so ``resume=true`` continues inside the stage that was running.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -114,7 +113,7 @@ def cap_stage_time(stage: Stage, deadline: float | None) -> None:
     if deadline is None:
         return
     left = max(1, int(deadline - time.monotonic()))
-    own = as_timedelta(stage.max_time)
+    own = as_timedelta(stage.cfg.trainer.max_time)
     cap = min(left, own.total_seconds()) if own is not None else left
     with open_dict(stage.cfg):
         stage.cfg.trainer.max_time = max_time_string(cap)
@@ -134,10 +133,7 @@ def train_stages(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) 
     """Run every stage of ``cfg.stages`` in order; returns the metrics written to ``metrics.json``."""
     ckpt_path, out_dir = start_run(cfg)
     plan = plan_stages(cfg)
-    base = copy.deepcopy(plan[0].cfg)  # every task as the run configures it; stages set theirs
-    with open_dict(base):
-        base.task = copy.deepcopy(cfg.task)
-    datamodule, module = build_model(base, staged=True)
+    datamodule, module = build_model(plan[0].cfg, staged=True)
     check_stage_settings(plan, module)
     tasks = dict(module.tasks.items())
     for stage in plan:  # the monitor must be logged by every stage, the objective at the end

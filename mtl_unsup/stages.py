@@ -45,13 +45,14 @@ class Stage:
     Attributes:
         name: its key in ``stages`` (its checkpoints are ``checkpoints/<name>/``).
         index: its position, from 0.
-        cfg: the run's config with the stage's settings in place (trainer epochs, optimiser,
-            scheduler, batch size, refresh period, the tasks' settings).
+        cfg: the run's config with the stage's settings in place (trainer epochs and time cap,
+            optimiser, scheduler, batch size, refresh period); ``task`` is the run's own.
         weights: task name -> weight in this stage (tasks not named: not trained).
-        settings: task name -> the task attributes this stage sets.
+        settings: task name -> the task attributes this stage sets (view, start epoch, ...).
         backbone_lr: the backbone's learning rate as a share of the optimiser's.
         refresh: ``every``, ``once`` or ``never``.
-        max_time: the stage's own time cap (``DD:HH:MM:SS``, a dict, or None).
+
+    The stage's own time cap is ``cfg.trainer.max_time``.
     """
 
     name: str
@@ -61,7 +62,6 @@ class Stage:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     backbone_lr: float = 1.0
     refresh: str = "every"
-    max_time: Any = None
 
 
 def as_timedelta(value: Any) -> timedelta | None:
@@ -78,10 +78,6 @@ def max_time_string(seconds: float) -> str:
     """``DD:HH:MM:SS``, as Lightning's ``max_time`` takes it."""
     s = int(seconds)
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def has_stages(cfg: DictConfig) -> bool:
-    return bool(cfg.get("stages"))
 
 
 def stage_problems(cfg: DictConfig) -> list[str]:
@@ -176,10 +172,6 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
             out.data.batch_size = stage.batch_size
         if stage.get("every_n_epochs") is not None:
             out.cluster.every_n_epochs = stage.every_n_epochs
-        for task, settings in stage.tasks.items():
-            out.task[task].start_epoch, out.task[task].stop_epoch = 0, None
-            for k, v in (settings or {}).items():
-                out.task[task][k] = v
         for entry in (out.get("logger") or {}).values():  # each stage its own logged run
             key = next((k for k in ("version", "run_name", "name") if isinstance(entry, DictConfig)
                         and k in entry), None)
@@ -189,17 +181,26 @@ def stage_config(cfg: DictConfig, name: str) -> DictConfig:
     return out
 
 
+def task_settings(cfg: DictConfig, stage: DictConfig) -> dict[str, dict[str, Any]]:
+    """Task name -> the attributes a stage sets on it: its view(s) as the run configures them,
+    epochs counted from the stage's first (start 0, no stop) unless the stage says otherwise."""
+    out = {}
+    for task, given in stage.tasks.items():
+        own = OmegaConf.to_container(cfg.task[task], resolve=True)
+        values = {k: own[k] for k in ("view", "weak_view") if k in own}
+        values.update(start_epoch=0, stop_epoch=None)
+        values.update(OmegaConf.to_container(given, resolve=True) if given is not None else {})
+        values.pop("weight", None)  # the stage's weights are its own (Stage.weights)
+        out[str(task)] = values
+    return out
+
+
 def plan_stages(cfg: DictConfig) -> list[Stage]:
-    """The run's stages in order (one, built from the run's own settings, without ``stages``)."""
-    if not has_stages(cfg):
-        weights = {n: float(t.get("weight", 1.0)) for n, t in cfg.task.items()}
-        return [Stage("", 0, cfg, weights)]
+    """The stages of a run with ``stages``, in order."""
     plan = []
     for index, (name, stage) in enumerate(cfg.stages.items()):
-        scfg = stage_config(cfg, name)
-        settings = {t: OmegaConf.to_container(scfg.task[t], resolve=True) for t in stage.tasks}
-        settings = {t: {k: v for k, v in s.items() if k in TASK_KEYS} for t, s in settings.items()}
-        weights = {t: float(s.get("weight", 1.0)) for t, s in settings.items()}
-        plan.append(Stage(str(name), index, scfg, weights, settings, float(stage.get("backbone_lr", 1.0)),
-                          str(stage.get("refresh", "every")), stage.get("max_time")))
+        weights = {str(t): float((given or {}).get("weight", cfg.task[t].get("weight", 1.0)))
+                   for t, given in stage.tasks.items()}
+        plan.append(Stage(str(name), index, stage_config(cfg, name), weights, task_settings(cfg, stage),
+                          float(stage.get("backbone_lr", 1.0)), str(stage.get("refresh", "every"))))
     return plan

@@ -280,7 +280,7 @@ def test_each_staged_experiment_composes_into_stages_that_build(tmp_path, name):
     assert plan[2].settings["selflabel"].get("weak_view", cfg.task.selflabel.weak_view) == "plain"
     budget = as_timedelta(cfg.trainer.max_time)
     if budget is not None:  # a CPU-sized protocol: the stages' caps fit the run's budget
-        assert sum((as_timedelta(s.max_time) for s in plan), start=budget * 0) <= budget
+        assert sum((as_timedelta(s.cfg.trainer.max_time) for s in plan), start=budget * 0) <= budget
 
 
 def test_a_staged_run_within_a_time_budget_runs_every_stage(staged, tmp_path):

@@ -207,8 +207,8 @@ class PseudoLabelCallback(L.Callback):
                     if task.refreshes and module.task_active(name, epoch)]
         return due
 
-    def task_due(self, task: Any, epoch: int, fixed: bool = False, active: bool | None = None) -> bool:
-        active = task.active(epoch) if active is None else active
+    def task_due(self, task: Any, epoch: int, fixed: bool, active: bool) -> bool:
+        """Whether ``task`` (``active`` in this epoch of the stage) gets new targets now."""
         if not task.refreshes or not active or self.policy == "never":
             return False  # nobody reads this task's targets this epoch, or they are kept
         last = task.refreshed_epoch

@@ -81,6 +81,10 @@ class MultiTaskModule(L.LightningModule):
         self.backbone = backbone.to(memory_format=torch.channels_last) if channels_last else backbone
         self.tasks = nn.ModuleDict(dict(tasks))
         self.augmentations = nn.ModuleDict({"plain": PlainView(), **dict(augmentations or {})})
+        # The stage being trained (see enter_stage): its index seeds its steps apart from the
+        # other stages'; its task weights replace the tasks' own (None: every task at its own).
+        self.stage_index, self.stage_weights, self.backbone_lr = 0, None, 1.0
+        self._stage_frozen = False  # the backbone frozen by a stage (backbone_lr=0), not by config
         self.view_counts = self._view_counts()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -113,9 +117,6 @@ class MultiTaskModule(L.LightningModule):
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
         # its weights are used, its pseudo-labels are not.
         self.ignore_checkpoint_clustering = False
-        # The stage being trained (see enter_stage): its index seeds its steps apart from the
-        # other stages'; its task weights replace the tasks' own (None: every task at its own).
-        self.stage_index, self.stage_weights, self.backbone_lr = 0, None, 1.0
 
     @property
     def features_fixed(self) -> bool:
@@ -125,7 +126,7 @@ class MultiTaskModule(L.LightningModule):
     # ------------------------------------------------------------------------- stages
     def task_weight(self, name: str) -> float:
         """The weight of task ``name`` in the stage being trained (0: it does not train)."""
-        weights = getattr(self, "stage_weights", None)
+        weights = self.stage_weights
         return self.tasks[name].weight if weights is None else weights.get(name, 0.0)
 
     def task_active(self, name: str, epoch: int) -> bool:
@@ -135,18 +136,16 @@ class MultiTaskModule(L.LightningModule):
                     settings: Mapping[str, Mapping[str, Any]], optimizer: Callable[..., Any],
                     scheduler: Callable[..., Any] | None, backbone_lr: float = 1.0) -> None:
         """Train as stage ``index`` from now on: only the tasks in ``weights``, at those weights,
-        with ``settings`` (view, start epoch, ...) set on them, under their own optimiser and
-        scheduler; the backbone at ``backbone_lr`` times the learning rate (0: frozen)."""
+        with ``settings`` (view, start epoch, ...; checked by the caller) set on them, under their
+        own optimiser and scheduler; the backbone at ``backbone_lr`` times the learning rate (0:
+        frozen)."""
         for name, values in settings.items():
-            task = self.tasks[name]
             for key, value in values.items():
-                if not hasattr(task, key):
-                    raise ConfigValueError(f"stages: task {name} has no setting {key!r}.")
-                setattr(task, key, int(value) if key == "start_epoch" else value)
+                setattr(self.tasks[name], key, int(value) if key == "start_epoch" else value)
         self.stage_index, self.stage_weights = index, dict(weights)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.backbone_lr = float(backbone_lr)
-        if not getattr(self.backbone, "frozen", False) or getattr(self, "_stage_frozen", False):
+        if not getattr(self.backbone, "frozen", False) or self._stage_frozen:
             self._stage_frozen = self.backbone_lr == 0  # frozen for this stage only
             self.backbone.frozen = self._stage_frozen
             self.backbone.requires_grad_(not self._stage_frozen)
