@@ -174,3 +174,29 @@ def test_a_staged_run_is_described_stage_by_stage(tmp_path):
     metrics = {"pretext/test/kmeans_acc": 0.4, "scan/test/acc": 0.45, "scan/test/kmeans_acc": 0.3}
     assert peers.epochs_run(tmp_path, metrics) == ("pretext 3 of 3 epochs, ACC 0.400; "
                                                    "scan 1 of 2 epochs, ACC 0.450")
+
+
+def test_a_skipped_method_keeps_its_row_from_the_last_run_with_the_same_budget(split_dir: Path, tmp_path: Path,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    split = peers.find_split(split_dir)
+    when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
+    earlier = [("lightly", peers.Row("lightly-train SimCLR", 0.5, 0.4, 90.0, "n", ["lightly cmd"])),
+               ("ours", peers.Row("ours", 0.6, 0.5, 60.0, "m", ["ours cmd"]))]
+    (tmp_path / "bench").mkdir()
+    peers.write_rows(peers.rows_file(tmp_path / "bench", split), earlier, 2, "abc1234", when)
+    peers.main(["--data", str(split_dir), "--minutes", "2", "--skip", "lightly,ours", "--threads", "1",
+                "--out", "bench"])
+    text = (tmp_path / "bench" / "shapes-split.md").read_text()
+    lightly = next(line for line in text.splitlines() if line.startswith("| lightly-train SimCLR |"))
+    assert "| 0.500 | 0.400 | 90.0 |" in lightly
+    assert "kept from the run of 2026-01-02 03:04 UTC at commit abc1234" in lightly
+    assert "    ours cmd" in text and "| k-means on pixels |" in text
+    rows = json.loads((tmp_path / "bench" / "shapes-split.json").read_text())["rows"]
+    assert [r["source"] for r in rows] == ["lightly", "umap", "umap", "ours"]
+    assert rows[0]["measured"] == "2026-01-02 03:04 UTC at commit abc1234"  # still the first measurement
+    # another budget keeps nothing: the rows would not be comparable
+    peers.main(["--data", str(split_dir), "--minutes", "3", "--skip", "lightly,ours,umap", "--threads", "1",
+                "--out", "bench"])
+    text = (tmp_path / "bench" / "shapes-split.md").read_text()
+    assert text.count("skipped (--skip)") == 3

@@ -35,6 +35,11 @@ Install the peers into a virtual environment of their own (lightly-train brings 
     /tmp/peersvenv/bin/python -m mtl_unsup.benchmarks.peers --data <folder> --minutes 2
 
 Without lightly-train (or umap-learn) that row is kept in the table as skipped, saying why.
+
+The rows also go to ``<out>/<folder name>.json``. A method left out with ``--skip`` keeps the row it
+got in that file's run when that run had the same ``--minutes`` (its notes say when and at which
+commit it was measured), so the methods of one table can be measured in separate sittings, one at a
+time on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Row:
     minutes: float | None = None
     notes: str = ""
     commands: list[str] = field(default_factory=list)
+    measured: str = ""  # when, at which commit and in what budget: set for a row kept from an earlier run
 
 
 @dataclass
@@ -487,7 +493,7 @@ def cell(value: float | None, digits: int = 3) -> str:
 def table(rows: Sequence[Row]) -> list[str]:
     lines = ["| method | held-out ACC | NMI | minutes used | notes |", "|---|---|---|---|---|"]
     for r in rows:
-        notes = r.notes.replace("|", "\\|")
+        notes = (r.notes + (f" (kept from the run of {r.measured})" if r.measured else "")).replace("|", "\\|")
         lines.append(f"| {r.method} | {cell(r.acc)} | {cell(r.nmi)} | {cell(r.minutes, 1)} | {notes} |")
     return lines
 
@@ -508,6 +514,28 @@ def report(split: Split, rows: Sequence[Row], minutes: float, k: int, threads: i
         lines += [f"    # {r.method}", *("    (as above)" if c in shown else f"    {c}" for c in r.commands)]
         shown.update(r.commands)
     return "\n".join([*lines, ""])
+
+
+def rows_file(out: Path, split: Split) -> Path:
+    """The rows of the last report on this folder, beside it: a method skipped later keeps its row."""
+    return out / f"{split.name}.json"
+
+
+def kept_rows(path: Path, method: str, minutes: float) -> list[Row]:
+    """The rows ``method`` gave in the report at ``path`` if it was measured with the same budget."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if data.get("minutes") != minutes:
+        return []
+    return [Row(**r) for r in data["rows"] if r.pop("source", None) == method and r["acc"] is not None]
+
+
+def write_rows(path: Path, rows: Sequence[tuple[str, Row]], minutes: float, commit: str, when: datetime) -> None:
+    stamp = f"{when:%Y-%m-%d %H:%M} UTC at commit {commit}"
+    data = {"minutes": minutes, "rows": [{**asdict(r), "measured": r.measured or stamp, "source": method}
+                                         for method, r in rows]}
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- main
@@ -547,21 +575,25 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"{split.name}: {split.n_train} training, {split.n_test} held-out images, k={k}, "
           f"{budget_s} s each; runs in {run_dir}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    earlier = {m: kept_rows(rows_file(args.out, split), m, args.minutes) for m in args.skip}
     rows: list[Row] = []
+    sources: list[str] = []
     for method in METHODS:
         before = len(rows)
         if method in args.skip:
-            rows.append(Row(ROW_NAMES[method], notes="skipped (--skip)"))
+            rows += earlier[method] or [Row(ROW_NAMES[method], notes="skipped (--skip)")]
         elif method == "lightly":
             rows.append(lightly_row(split, run_dir / "lightly", budget_s, k, size, args.seed, args.threads))
         elif method == "umap":
             rows += pixel_rows(split, k, size, args.seed)
         else:
             rows.append(ours_row(split, args.ours, k, budget_s, args.seed, run_dir / "ours", args.threads))
+        sources += [method] * (len(rows) - before)
         print("\n".join(table(rows[before:])[2:]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{split.name}.md"
     path.write_text(report(split, rows, args.minutes, k, args.threads, argv, commit, when))
+    write_rows(rows_file(args.out, split), list(zip(sources, rows, strict=True)), args.minutes, commit, when)
     return path
 
 
