@@ -29,6 +29,7 @@ from mtl_unsup.history import EpochHistory
 from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.backbones import expected_input
 from mtl_unsup.models.evaluation import split_metric_names
+from mtl_unsup.models.factory import model_factory
 from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.schedule import check_schedule
@@ -224,15 +225,12 @@ def build_model(cfg: DictConfig, staged: bool = False) -> tuple[ImageFolderDataM
     if not staged:  # a staged run checks them stage by stage (mtl_unsup.staged)
         check_selection(cfg, datamodule, tasks)
         check_schedule(cfg, tasks)
-    module = MultiTaskModule(
+    module = model_factory(cfg)(  # the model group sets the rest (conf/train.yaml, model:)
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         eval_splits=tuple(datamodule.eval_splits()),
         augmentations=datamodule.augmentations, mean=datamodule.mean, std=datamodule.std,
-        config=OmegaConf.to_container(cfg, resolve=True), seed=cfg.seed,
-        cluster_settings={"pca_dim": cfg.cluster.pca_dim, "niter": cfg.cluster.niter,
-                          "nredo": cfg.cluster.nredo},
-        answer=cfg.cluster.answer, auto_k=cfg.cluster.k == "auto", channels_last=cfg.channels_last,
+        config=OmegaConf.to_container(cfg, resolve=True), auto_k=cfg.cluster.k == "auto",
         feature_bank=datamodule.num_train if cfg.cluster.features == "bank" else 0,
     )
     check_sizes(module, datamodule.num_train)

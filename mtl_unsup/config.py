@@ -205,6 +205,7 @@ class TrainConfig:
     backbone: Any = MISSING
     task: dict[str, Any] = field(default_factory=dict)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: Any = None
     optimizer: Any = MISSING
     scheduler: Any = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -36,7 +36,8 @@ class EpochHistory(L.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
-        refreshed = any(getattr(c, "refreshed_epoch", None) == epoch for c in trainer.callbacks)
+        targets = getattr(module, "targets", None)
+        refreshed = targets is not None and targets.last_refresh == epoch
         stale = tuple(prefix for prefix, fresh in (("val/", self.validated_epoch == epoch),
                                                    ("cluster/", refreshed)) if not fresh)
         row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step}

@@ -20,6 +20,7 @@ from mtl_unsup.config import max_clusters
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.images import ImageList
 from mtl_unsup.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
+from mtl_unsup.models.factory import model_factory
 from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule
 
@@ -51,12 +52,11 @@ def model_from_checkpoint(path: str | Path) -> tuple[MultiTaskModule, DictConfig
     backbone = instantiate(cfg.backbone, in_channels=channels, **fresh)
     tasks = {name: instantiate(task_cfg) for name, task_cfg in cfg.task.items()}
     views = cfg.data.augmentations if "augmentations" in cfg.data else cfg.data.views  # images | rows
-    module = MultiTaskModule(
+    module = model_factory(cfg)(
         backbone, tasks, num_clusters=max_clusters(cfg.cluster), optimizer=None,
         augmentations={name: nn.Identity() for name in views},
         mean=[0.0] * channels, std=[1.0] * channels,  # the saved buffers replace these
-        config=ckpt["mtl_config"], answer=str(cfg.cluster.get("answer", "auto")),
-        auto_k=cfg.cluster.k == "auto", channels_last=bool(cfg.get("channels_last", False)),
+        config=ckpt["mtl_config"], auto_k=cfg.cluster.k == "auto",
     )
     module.load_weights(ckpt, str(path))
     return module.eval(), cfg

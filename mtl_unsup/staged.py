@@ -81,13 +81,13 @@ def enter_stage(stage: Stage, module: MultiTaskModule, datamodule, seed: int, fr
         task = module.tasks[name]
         if not task.refreshes or not fresh:  # a resumed stage's targets come with its checkpoint
             continue
-        if stage.refresh == "never" and task.dataset_state() is None:
+        if stage.refresh == "never" and name not in module.targets.states:
             raise ConfigValueError(
                 f"stages.{stage.name} trains task {name} with refresh=never, but no earlier stage "
                 f"made its targets. Use refresh=once (targets from the previous stage's model) or "
                 "train the task in an earlier stage.")
         if stage.refresh != "never":
-            task.refreshed_epoch = None
+            module.targets.mark_due(name)
     check_schedule(cfg, {n: module.tasks[n] for n in stage.weights})
 
 

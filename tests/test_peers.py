@@ -176,8 +176,7 @@ def test_a_staged_run_is_described_stage_by_stage(tmp_path):
                                                    "scan 1 of 2 epochs, ACC 0.450")
 
 
-def test_a_skipped_method_keeps_its_row_from_the_last_run_with_the_same_budget(split_dir: Path, tmp_path: Path,
-                                                                               monkeypatch):
+def test_a_skipped_method_keeps_its_row_measured_with_the_same_budget(split_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     split = peers.find_split(split_dir)
     when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)

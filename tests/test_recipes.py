@@ -195,8 +195,8 @@ def test_the_answer_is_the_latest_stage_then_its_own_lowest_loss_head():
     tasks = {"cluster": ClusterTask(start_epoch=0), "scan": ScanTask(start_epoch=0, num_heads=3),
              "over": ClusterTask(start_epoch=5, k_factor=2)}
     module = MultiTaskModule(SmallCNN(1, (4, 8)), tasks, 3, None, augmentations={"weak": torch.nn.Identity()})
-    tasks["cluster"].state = ClusterState(torch.zeros(4, dtype=torch.long), torch.zeros(3, 2),
-                                          torch.zeros(8), torch.eye(8))
+    module.adopt_task_states({"cluster": ClusterState(torch.zeros(4, dtype=torch.long), torch.zeros(3, 8),
+                                                     torch.zeros(8), torch.eye(8))}, reset_head=False)
     assert module.answer() == "cluster"  # SCAN has not trained yet; the 6-cluster head never answers
     tasks["scan"].trained_steps += 1
     tasks["scan"].head_losses.copy_(torch.tensor([0.3, -0.2, 0.1]))
@@ -246,7 +246,9 @@ def test_with_automatic_k_every_active_task_is_refreshed_together(shapes_dir, tm
     cfg = compose_cfg(tmp_path, [*tiny_folder_overrides(shapes_dir), "task=[cluster,rotation,scan]",
                                  "task.scan.start_epoch=3", "task.scan.num_neighbors=3"])
     module = build_run(cfg).module
-    module.tasks["cluster"].refreshed_epoch = 2
+    made_at_2 = ClusterState(torch.zeros(4, dtype=torch.long), torch.zeros(3, 8), torch.zeros(8),
+                             torch.eye(8), epoch=2)
+    module.adopt_task_states({"cluster": made_at_2}, reset_head=False)
     fixed, auto = PseudoLabelCallback(3, every_n_epochs=5), PseudoLabelCallback("auto", every_n_epochs=5)
     assert fixed.due(module, 3) == ["scan"]  # only the task that starts
     assert auto.due(module, 3) == ["cluster", "scan"]  # a new k reaches every head at once

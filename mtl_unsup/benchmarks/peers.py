@@ -493,7 +493,8 @@ def cell(value: float | None, digits: int = 3) -> str:
 def table(rows: Sequence[Row]) -> list[str]:
     lines = ["| method | held-out ACC | NMI | minutes used | notes |", "|---|---|---|---|---|"]
     for r in rows:
-        notes = (r.notes + (f" (kept from the run of {r.measured})" if r.measured else "")).replace("|", "\\|")
+        kept = f" (kept from the run of {r.measured})" if r.measured else ""
+        notes = (r.notes + kept).replace("|", "\\|")
         lines.append(f"| {r.method} | {cell(r.acc)} | {cell(r.nmi)} | {cell(r.minutes, 1)} | {notes} |")
     return lines
 
@@ -531,7 +532,8 @@ def kept_rows(path: Path, method: str, minutes: float) -> list[Row]:
     return [Row(**r) for r in data["rows"] if r.pop("source", None) == method and r["acc"] is not None]
 
 
-def write_rows(path: Path, rows: Sequence[tuple[str, Row]], minutes: float, commit: str, when: datetime) -> None:
+def write_rows(path: Path, rows: Sequence[tuple[str, Row]], minutes: float, commit: str,
+               when: datetime) -> None:
     stamp = f"{when:%Y-%m-%d %H:%M} UTC at commit {commit}"
     data = {"minutes": minutes, "rows": [{**asdict(r), "measured": r.measured or stamp, "source": method}
                                          for method, r in rows]}

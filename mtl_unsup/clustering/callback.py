@@ -115,16 +115,10 @@ class PseudoLabelCallback(L.Callback):
             raise ValueError(f"refresh={refresh!r}: use every, once or never.")
         self.k, self.settings, self.policy = k, settings or ClusterSettings(), refresh
         self.every_n_epochs, self.seed = every_n_epochs, seed
-        self.refreshed_epoch: int | None = None  # the last epoch this run refreshed targets at
 
     def context(self, trainer: L.Trainer, module: L.LightningModule,
                 features: torch.Tensor) -> RefreshContext:
-        previous: dict[int, torch.Tensor] = {}
-        for task in module.tasks.values():  # the module's own k-means wins for its k
-            previous.update(task.previous_labels())
-        if module.cluster_state is not None:
-            previous[module.cluster_state.k] = module.cluster_state.labels
-        previous = {k: v for k, v in previous.items() if len(v) == len(features)}
+        previous = module.targets.previous_labels(module.tasks, len(features))
         return RefreshContext(features, trainer.current_epoch, self.seed, self.settings,
                               trainer.datamodule.fingerprint, previous, k=module.k)
 
@@ -176,7 +170,7 @@ class PseudoLabelCallback(L.Callback):
         if scores is not None:
             module.k_selection = scores
             stats["cluster/k"] = float(state.k)
-        module.set_cluster_state(state)
+        module.cluster_state = state
         module.adopt_task_states(states, reset_head=True)
         if trainer.datamodule.has_labels:  # evaluation only: never reaches a loss
             labels = trainer.datamodule.train_labels()
@@ -201,17 +195,18 @@ class PseudoLabelCallback(L.Callback):
         a refresh may change k, so every active task with targets is refreshed with the due ones
         (they all speak of the same k)."""
         due = [name for name, task in module.tasks.items()
-               if self.task_due(task, epoch, module.features_fixed, module.task_active(name, epoch))]
+               if self.task_due(task, module.targets.epoch(name), epoch, module.features_fixed,
+                                module.task_active(name, epoch))]
         if self.auto and due:
             return [name for name, task in module.tasks.items()
                     if task.refreshes and module.task_active(name, epoch)]
         return due
 
-    def task_due(self, task: Any, epoch: int, fixed: bool, active: bool) -> bool:
-        """Whether ``task`` (``active`` in this epoch of the stage) gets new targets now."""
+    def task_due(self, task: Any, last: int | None, epoch: int, fixed: bool, active: bool) -> bool:
+        """Whether ``task`` (``active`` in this epoch of the stage), whose targets were made at
+        epoch ``last`` (None: none, or due anew), gets new targets now."""
         if not task.refreshes or not active or self.policy == "never":
             return False  # nobody reads this task's targets this epoch, or they are kept
-        last = task.refreshed_epoch
         if last is None or last < task.start_epoch:
             return True  # the task starts (or restarts from a checkpoint without targets)
         return (self.policy == "every" and not fixed and last != epoch
@@ -222,7 +217,7 @@ class PseudoLabelCallback(L.Callback):
         if not names:
             return
         stats = self.refresh(trainer, module, names)
-        self.refreshed_epoch = trainer.current_epoch
+        module.targets.last_refresh = trainer.current_epoch
         for name, value in stats.items():
             module.log(name, value, on_step=False, on_epoch=True, sync_dist=True)
         rank_zero_info(f"epoch {trainer.current_epoch} clusters: "
@@ -246,7 +241,8 @@ class PseudoLabelCallback(L.Callback):
             scores = ctx.choose_k() if self.auto and module.cluster_state is None else None
             trained = {n for n in module.tasks if module.task_weight(n) > 0}
             trained |= {h for n in trained for h in module.tasks[n].trains_heads_of()}
-            replaced = {n: t.finish(ctx) for n, t in module.tasks.items() if n in trained}
+            replaced = {n: t.finish(ctx, module.targets.states.get(n)) for n, t in module.tasks.items()
+                        if n in trained and t.refreshes}
             payload = (ctx.kmeans(ctx.k), {n: r for n, r in replaced.items() if r is not None}, scores)
         state, replaced, scores = self.shared(trainer, payload)
         if scores is not None:
@@ -260,4 +256,4 @@ class PseudoLabelCallback(L.Callback):
             with torch.no_grad(), eval_mode(module):
                 head = ctx.argmax(lambda f: module.head_logits(f.to(module.device))[answer])
             state = state.relabelled(matching_permutation(state.labels, head, state.k))
-        module.set_cluster_state(self.shared(trainer, state))
+        module.cluster_state = self.shared(trainer, state)

@@ -13,12 +13,12 @@ from torch import nn
 import mtl_unsup
 from mtl_unsup.clustering.bank import FeatureBank
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
+from mtl_unsup.clustering.targets import Targets
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.errors import CheckpointError, NonFiniteLossError
 from mtl_unsup.models.evaluation import SplitRecorder, score_split
 from mtl_unsup.rng import collect_rng_states, set_rng_states
-from mtl_unsup.tasks.base import Task, TaskBatch
-from mtl_unsup.tasks.cluster import ClusterTask
+from mtl_unsup.tasks.base import Task, TaskBatch, latest_stage
 
 
 class PlainView(nn.Module):
@@ -96,7 +96,7 @@ class MultiTaskModule(L.LightningModule):
             except ValueError as err:
                 raise ConfigValueError(f"task.{name}: {err}") from None
         self.num_clusters, self.auto_k = num_clusters, auto_k
-        self.k_selection: dict[int, float] = {}  # cluster.k=auto: the criterion of each k tried
+        self.targets = Targets()  # every dataset-level target, saved with the model
         self.heads = self._head_table()
         self.answer_setting = answer
         choices = [n for n, (t, _, k) in self.heads.items() if k == num_clusters and self.tasks[t].weight > 0]
@@ -106,7 +106,6 @@ class MultiTaskModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_splits = tuple(eval_splits)
         self.config = config or {}
-        self.cluster_state: ClusterState | None = None
         self.seed = int(seed)
         self.cluster_settings = dict(cluster_settings or {"pca_dim": 32, "niter": 20, "nredo": 5})
         self.recorders = {s: SplitRecorder(backbone.feature_dim) for s in ("val", *self.eval_splits)}
@@ -151,6 +150,7 @@ class MultiTaskModule(L.LightningModule):
             self.backbone.requires_grad_(not self._stage_frozen)
         self.view_counts = self._view_counts()
         self._rng_to_restore = None  # a resumed stage's checkpoint sets them again
+        self.targets.last_refresh = None  # the epochs count from 0 again
         if self.feature_bank is not None:  # the previous stage's features describe another model
             self.feature_bank.clear()
 
@@ -227,31 +227,44 @@ class MultiTaskModule(L.LightningModule):
         """
         if self.answer_setting != "auto":
             return self.answer_setting
-        best, rank = None, None
-        for name, task in self.tasks.items():
+
+        def fits(_: str, task: Task) -> bool:
             sub = task.answer_head()
-            if (task.weight == 0 or sub is None or not task.answer_ready()
-                    or task.cluster_heads()[sub] != self.k):
-                continue
-            if rank is None or (task.stage, task.start_epoch) > rank:
-                best, rank = self.head_name(name, sub), (task.stage, task.start_epoch)
-        return best
+            return (task.weight > 0 and sub is not None and task.answer_ready()
+                    and task.cluster_heads()[sub] == self.k)
+
+        name = latest_stage(self.tasks, fits)
+        return None if name is None else self.head_name(name, self.tasks[name].answer_head())
 
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of every clustering head, by full head name."""
         return {self.head_name(name, sub): logits for name, task in self.tasks.items()
                 for sub, logits in task.head_logits(features).items()}
 
-    def set_cluster_state(self, state: ClusterState) -> None:
-        """The k-means of the training features at ``cluster.k``: evaluation and prediction
-        assign new images to its centroids."""
-        self.cluster_state = state
+    @property
+    def cluster_state(self) -> ClusterState | None:
+        """The k-means of the training features at ``cluster.k`` (held by :attr:`targets`):
+        evaluation and prediction assign new images to its centroids."""
+        return self.targets.kmeans
+
+    @cluster_state.setter
+    def cluster_state(self, state: ClusterState | None) -> None:
+        self.targets.kmeans = state
+
+    @property
+    def k_selection(self) -> dict[int, float]:
+        """``cluster.k=auto``: the criterion of each k tried (held by :attr:`targets`)."""
+        return self.targets.k_selection
+
+    @k_selection.setter
+    def k_selection(self, scores: dict[int, float]) -> None:
+        self.targets.k_selection = dict(scores)
 
     def adopt_task_states(self, states: Mapping[str, Any], reset_head: bool = True,
                           head_init: str | None = None) -> None:
-        """Hand each task its new dataset-level state; restarted heads lose their optimizer moments."""
+        """Make ``states`` the named tasks' targets; restarted heads lose their optimizer moments."""
         for name, state in states.items():
-            restarted = self.tasks[name].adopt(state, reset_head=reset_head, head_init=head_init)
+            restarted = self.targets.put(name, self.tasks[name], state, reset_head, head_init)
             if restarted and self._trainer is not None:
                 for optimizer in self.trainer.optimizers:
                     for p in restarted:
@@ -408,13 +421,8 @@ class MultiTaskModule(L.LightningModule):
 
     # ------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.cluster_state is not None:
-            checkpoint["cluster_state"] = self.cluster_state.state_dict()
-        states = {name: task.dataset_state() for name, task in self.tasks.items()}
-        checkpoint["task_states"] = {name: state for name, state in states.items() if state is not None}
+        self.targets.save(checkpoint)
         checkpoint["answer"] = self.answer() or "kmeans"
-        if self.k_selection:
-            checkpoint["k_selection"] = dict(self.k_selection)
         checkpoint["mtl_config"] = self.config
         checkpoint["backbone_weights"] = {"start": getattr(self.backbone, "weights", "random"),
                                           "frozen": bool(getattr(self.backbone, "frozen", False))}
@@ -439,16 +447,8 @@ class MultiTaskModule(L.LightningModule):
         self._adopt_clustering(checkpoint)
 
     def _adopt_clustering(self, checkpoint: dict[str, Any]) -> None:
-        if self.ignore_checkpoint_clustering or "cluster_state" not in checkpoint:
-            return
-        state = ClusterState.from_state_dict(checkpoint["cluster_state"])
-        self.set_cluster_state(state)
-        self.k_selection = dict(checkpoint.get("k_selection", {}))
-        states = dict(checkpoint.get("task_states", {}))
-        if "task_states" not in checkpoint:  # written before tasks owned their state
-            states = {n: checkpoint["cluster_state"] for n, t in self.tasks.items()
-                      if isinstance(t, ClusterTask) and t.num_clusters == state.k}
-        self.adopt_task_states({n: s for n, s in states.items() if n in self.tasks}, reset_head=False)
+        if not self.ignore_checkpoint_clustering:
+            self.targets.load(checkpoint, self.tasks)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._adopt_clustering(checkpoint)

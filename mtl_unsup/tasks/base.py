@@ -2,12 +2,13 @@
 
 Two optional abilities make a task more than a per-batch loss:
 
-- **Dataset-level targets** (``refreshes = True``): the task owns state computed from the
-  features of the whole training set (k-means labels, nearest neighbours, balanced assignments).
-  The refresh callback makes one feature pass and hands every due task the same
-  :class:`~mtl_unsup.clustering.refresh.RefreshContext`; :meth:`Task.refresh` computes the new
-  state on rank 0, every rank :meth:`Task.adopt`\\ s it, and :meth:`Task.dataset_state` puts it in
-  the checkpoint.
+- **Dataset-level targets**: a task that is also a
+  :class:`~mtl_unsup.clustering.targets.TargetProvider` (``refreshes = True``) makes targets from
+  the features of the whole training set (k-means labels, nearest neighbours, balanced
+  assignments). The refresh callback makes one feature pass and hands every due provider the same
+  :class:`~mtl_unsup.clustering.refresh.RefreshContext`; the provider computes the new targets,
+  the model's :class:`~mtl_unsup.clustering.targets.Targets` keeps them (and checkpoints them),
+  and the provider reads them by dataset index in its loss.
 - **Clustering heads** (:meth:`Task.cluster_heads`): heads whose argmax is a clustering of the
   images. Evaluation scores every one; :meth:`Task.answer_head` names the task's own label-free
   choice among them.
@@ -16,7 +17,6 @@ Two optional abilities make a task more than a per-batch loss:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ class Task(nn.Module):
     """
 
     num_views: int = 1
-    refreshes: bool = False  # owns dataset-level targets
+    refreshes: bool = False  # makes dataset-level targets (a TargetProvider, mtl_unsup.clustering.targets)
     has_cluster_heads: bool = False  # known before build(), unlike cluster_heads()
     needs_images: bool = False  # reads image views (not only features): no cached features
     # Where the recipe stands in the field's pipeline (k-means targets 0 < neighbours 1): of two
@@ -87,7 +87,6 @@ class Task(nn.Module):
         self.view = view
         self.start_epoch = int(start_epoch)
         self.stop_epoch = None if stop_epoch is None else int(stop_epoch)
-        self.refreshed_epoch: int | None = None  # epoch of the last dataset-level refresh
 
     def views(self) -> dict[str, int]:
         """Augmentation name -> how many views of it this task needs per image."""
@@ -116,46 +115,6 @@ class Task(nn.Module):
         return (self.weight > 0 and epoch >= self.start_epoch
                 and (self.stop_epoch is None or epoch < self.stop_epoch))
 
-    # ------------------------------------------------------------- dataset-level targets
-    # A provider of dataset-level targets (``refreshes``) says what it needs, so that the checks
-    # of shared code (data size, sharded clustering, warm starts) ask it instead of its class.
-    # what its targets need that only every training row on one rank gives (None: nothing)
-    needs_all_rows: str | None = None
-
-    def size_problem(self, num_train: int) -> str | None:
-        """Why ``num_train`` training images are too few for this task's targets (None: enough);
-        a sentence that names the setting to lower."""
-        return None
-
-    def previous_labels(self) -> dict[int, torch.Tensor]:
-        """k -> the cluster labels this task holds, by dataset index (k-means starts from them)."""
-        return {}
-
-    def refresh(self, ctx: Any) -> Any:
-        """New dataset-level state from the training set's features (rank 0 only; returns a
-        picklable object that every rank then :meth:`adopt`\\ s)."""
-        raise NotImplementedError
-
-    def adopt(self, state: Any, reset_head: bool = True, head_init: str | None = None) -> list[nn.Parameter]:
-        """Take ``state`` from :meth:`refresh` (or a checkpoint, ``reset_head=False``); returns
-        the parameters that restarted, whose optimizer moments must be dropped. ``head_init``
-        overrides how a restarted head starts (see :meth:`finish`)."""
-        raise NotImplementedError
-
-    def dataset_state(self) -> Any:
-        """The state to checkpoint (None: nothing yet); :meth:`adopt` takes it back."""
-        return None
-
-    def label_stats(self, labels: torch.Tensor) -> dict[str, float]:
-        """Quality of the current state against ground truth, logged for the reader only (e.g.
-        the share of mined neighbours in the same class); never read by training."""
-        return {}
-
-    def finish(self, ctx: Any) -> tuple[Any, str] | None:
-        """After training, with the final features (rank 0): a state to adopt with a fresh head
-        and the reason, when the trained head is no answer; None to keep it."""
-        return None
-
     # ------------------------------------------------------------- clustering heads
     def cluster_heads(self) -> dict[str, int]:
         """Name -> number of clusters of each clustering head (none by default)."""
@@ -173,3 +132,14 @@ class Task(nn.Module):
         """This task's own label-free choice among its heads."""
         heads = self.cluster_heads()
         return next(iter(heads)) if heads else None
+
+
+def latest_stage(tasks: Mapping[str, Task], fits: Callable[[str, Task], bool]) -> str | None:
+    """Of the tasks that ``fits``, the one of the latest stage of the field's pipeline (neighbour
+    consistency refines k-means targets), then the latest start epoch, then the first in the list:
+    how the run's answer (:meth:`MultiTaskModule.answer`) and self-labelling's source are chosen."""
+    best, rank = None, None
+    for name, task in tasks.items():
+        if fits(name, task) and (rank is None or (task.stage, task.start_epoch) > rank):
+            best, rank = name, (task.stage, task.start_epoch)
+    return best

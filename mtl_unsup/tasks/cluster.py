@@ -14,6 +14,7 @@ from torchmetrics.functional.clustering import normalized_mutual_info_score
 from mtl_unsup.clustering.head import ClusterHead
 from mtl_unsup.clustering.kmeans import ClusterState
 from mtl_unsup.clustering.refresh import RefreshContext
+from mtl_unsup.clustering.targets import TargetProvider
 from mtl_unsup.tasks.base import Task, TaskBatch
 from mtl_unsup.tasks.losses import balanced_class_weights
 
@@ -21,7 +22,7 @@ from mtl_unsup.tasks.losses import balanced_class_weights
 MIN_HEAD_AGREEMENT = 0.5
 
 
-class ClusterTask(Task):
+class ClusterTask(TargetProvider, Task):
     """Cross-entropy of the clustering head on the current pseudo-labels.
 
     Pseudo-labels are looked up by dataset index. The head (:class:`ClusterHead`, a linear layer
@@ -45,7 +46,6 @@ class ClusterTask(Task):
     since its last restart: a head that never trained is no answer of the run.
     """
 
-    refreshes = True
     has_cluster_heads = True
 
     def __init__(self, weight: float = 1.0, view: str = "weak", start_epoch: int = 0,
@@ -66,7 +66,6 @@ class ClusterTask(Task):
         self.fixed_k, self.k_factor = k, int(k_factor)
         self.balance, self.label_smoothing = balance, label_smoothing
         self.head_init, self.head_temperature = head_init, head_temperature
-        self.state: ClusterState | None = None
         self.pseudo_labels: torch.Tensor | None = None
         self.class_weights: torch.Tensor | None = None
 
@@ -83,11 +82,13 @@ class ClusterTask(Task):
     def refresh(self, ctx: RefreshContext) -> ClusterState:
         return ctx.pseudo_labels(self.target_k(ctx))
 
+    def normalise_state(self, state: ClusterState | dict) -> ClusterState:
+        return ClusterState.from_state_dict(state) if isinstance(state, dict) else state
+
     def adopt(self, state: ClusterState | dict, reset_head: bool = True,
               head_init: str | None = None) -> list[nn.Parameter]:
-        if isinstance(state, dict):
-            state = ClusterState.from_state_dict(state)
-        self.state, self.refreshed_epoch, self.k = state, state.epoch, state.k
+        state = self.normalise_state(state)
+        self.k = state.k
         self.pseudo_labels = state.labels.long().cpu()
         self.class_weights = (balanced_class_weights(self.pseudo_labels, self.k)
                               if self.balance == "weights" else None)
@@ -96,10 +97,7 @@ class ClusterTask(Task):
         self.reset_head(state, head_init)
         return list(self.head.parameters())
 
-    def dataset_state(self) -> dict | None:
-        return None if self.state is None else self.state.state_dict()
-
-    def finish(self, ctx: RefreshContext) -> tuple[ClusterState, str] | None:
+    def finish(self, ctx: RefreshContext, state: ClusterState | None) -> tuple[ClusterState, str] | None:
         """The final k-means replaces a head that never trained or fell apart (its clusters no
         longer match the final k-means of the training features: NMI below
         ``MIN_HEAD_AGREEMENT``, e.g. one cluster). Reads no label."""
@@ -128,11 +126,11 @@ class ClusterTask(Task):
             self.head.set_centroids(state.centroids, self.head_temperature)
 
     # ------------------------------------------------------------- clustering heads
-    def previous_labels(self) -> dict[int, torch.Tensor]:
-        return {self.state.k: self.state.labels} if self.state is not None else {}
+    def previous_labels(self, state: ClusterState) -> dict[int, torch.Tensor]:
+        return {state.k: state.labels}
 
     def answer_ready(self) -> bool:
-        return self.state is not None  # its head was set from a clustering
+        return self.pseudo_labels is not None  # its head was set from a clustering
 
     def cluster_heads(self) -> dict[str, int]:
         return {"": self.k}

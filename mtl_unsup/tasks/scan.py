@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mtl_unsup.clustering.refresh import RefreshContext, nearest_neighbours
+from mtl_unsup.clustering.targets import TargetProvider
 from mtl_unsup.distributed import mean_over_ranks
 from mtl_unsup.tasks.base import Task, TaskBatch
 
@@ -45,7 +46,7 @@ def scan_loss(anchor_logits: torch.Tensor, neighbour_logits: torch.Tensor,
 MIN_SIZE_ENTROPY = 0.5
 
 
-class ScanTask(Task):
+class ScanTask(TargetProvider, Task):
     """SCAN's clustering step as a task: heads trained on neighbour consistency.
 
     Args:
@@ -59,7 +60,6 @@ class ScanTask(Task):
             its projector's normalised output, where SCAN's reference code mines).
     """
 
-    refreshes = True
     has_cluster_heads = True
     needs_all_rows = "nearest neighbours over the whole training set"
     stage = 1
@@ -79,7 +79,6 @@ class ScanTask(Task):
         self.num_neighbors, self.num_heads = int(num_neighbors), int(num_heads)
         self.entropy_weight, self.fixed_k, self.loss_momentum = entropy_weight, k, loss_momentum
         self.neighbours: torch.Tensor | None = None
-        self.fingerprint = ""
         self.usable = True  # False when its heads never trained or fell apart (see finish)
         self.space = space
         self._projector: list[Task] = []  # a plain list: the projector belongs to its task
@@ -117,12 +116,15 @@ class ScanTask(Task):
         return {"neighbours": neighbours, "epoch": ctx.epoch,
                 "fingerprint": ctx.fingerprint, "k": self.fixed_k or ctx.k}
 
+    def normalise_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {"fingerprint": "", "k": self.num_clusters, "usable": True, **state,
+                "neighbours": state["neighbours"].long().cpu()}
+
     def adopt(self, state: dict[str, Any], reset_head: bool = True,
               head_init: str | None = None) -> list[nn.Parameter]:
         # The heads keep training across refreshes: their cluster numbers are their own, not
         # those of a new k-means, so nothing restarts unless k changes (cluster.k=auto).
         self.neighbours = state["neighbours"].long().cpu()
-        self.refreshed_epoch, self.fingerprint = int(state["epoch"]), state.get("fingerprint", "")
         self.usable = bool(state.get("usable", True))
         k = int(state.get("k", self.num_clusters))
         changed, self.k = k != self.k, k
@@ -135,20 +137,14 @@ class ScanTask(Task):
             self.trained_steps.zero_()
         return list(self.heads.parameters())
 
-    def dataset_state(self) -> dict[str, Any] | None:
-        if self.neighbours is None:
-            return None
-        return {"neighbours": self.neighbours, "epoch": self.refreshed_epoch,
-                "fingerprint": self.fingerprint, "k": self.k, "usable": self.usable}
-
-    def finish(self, ctx: RefreshContext) -> tuple[dict[str, Any], str] | None:
+    def finish(self, ctx: RefreshContext, state: dict[str, Any] | None) -> tuple[dict[str, Any], str] | None:
         """Heads that never trained, or that collapsed (the normalised entropy of their cluster
         sizes over the training set below ``MIN_SIZE_ENTROPY``: most images in a few clusters),
         are no answer of the run. SCAN's clusters are meant to differ from k-means', so unlike a
         k-means-trained head's, their disagreement with the final k-means is no fault. Reads no
         label."""
         empty = torch.zeros(0, self.num_neighbors, dtype=torch.long)
-        state = self.dataset_state() or {"neighbours": empty, "epoch": -1, "fingerprint": "", "k": self.k}
+        state = state or {"neighbours": empty, "epoch": -1, "fingerprint": "", "k": self.k}
         if int(self.trained_steps) == 0:
             why = f"never trained (its task starts at epoch {self.start_epoch}): it is not the run's answer"
             return {**state, "usable": False}, why

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from mtl_unsup.tasks.base import Task, TaskBatch
+from mtl_unsup.tasks.base import Task, TaskBatch, latest_stage
 from mtl_unsup.tasks.losses import balanced_class_weights
 
 
@@ -92,16 +92,10 @@ class SelfLabelTask(Task):
         return [self.source]
 
     def _auto_source(self, tasks: Mapping[str, Task]) -> str | None:
-        """The task whose head would answer: a head of the run's k, the latest pipeline stage."""
-        best, rank = None, None
-        for position, (name, task) in enumerate(tasks.items()):
-            if task is self or not task.has_cluster_heads:
-                continue
-            if self.num_clusters not in task.cluster_heads().values():
-                continue  # an overclustering head is never the answer
-            if rank is None or (task.stage, task.start_epoch, -position) > rank:
-                best, rank = name, (task.stage, task.start_epoch, -position)
-        return best
+        """The task whose head would answer: a head of the run's k (an overclustering head is never
+        the answer), of the latest pipeline stage."""
+        return latest_stage(tasks, lambda _, task: task is not self and task.has_cluster_heads
+                            and self.num_clusters in task.cluster_heads().values())
 
     def step_metrics(self) -> dict[str, torch.Tensor]:
         return {"confident": self.confident_share}
