@@ -220,6 +220,7 @@ class TrainConfig:
     resume: bool = False
     print_config: bool = True
     pictures: bool = True
+    report: bool = True
     channels_last: bool = True
     optimized_metric: str | None = "val/silhouette"
     # A run as named stages, each with its tasks, epochs, optimiser, ... (mtl_unsup/stages.py);

@@ -14,11 +14,13 @@ from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.embedding_outputs import write_row_predictions
 from mtl_unsup.history import HISTORY
+from mtl_unsup.html import ReportInputs, write_report
+from mtl_unsup.html.run_files import run_files
 from mtl_unsup.inference import predict_images
 from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.runinfo import run_info
-from mtl_unsup.visualize import k_selection, save_pictures
+from mtl_unsup.visualize import k_selection, save_pictures, tsne_sample
 
 
 def flatten_results(results: list[dict[str, float]]) -> dict[str, float]:
@@ -55,14 +57,22 @@ def write_run_info(out_dir: Path) -> None:
 
 def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
                   datamodule: ImageFolderDataModule, history: Path | None = None) -> None:
-    """PNGs of the held-out split (the training set when there is none) into ``pictures/``."""
+    """PNGs of the held-out split (the training set when there is none) into ``pictures/`` and
+    ``report.html`` of it, as ``pictures`` and ``report`` ask; one t-SNE serves both."""
     split = datamodule.eval_splits()[0]
     images = datamodule.splits[split]
     preds = predict_images(module, cfg, images, datamodule.eval_batch_size, progress=False,
                            device=module.device)
     labels = np.asarray(images.labels) if images.has_labels else None
-    save_pictures(out_dir / "pictures", images.paths, preds.clusters, preds.confidence,
-                  preds.features, labels, images.classes, history or out_dir / HISTORY)
+    history = history or out_dir / HISTORY
+    sample = tsne_sample(preds.features, seed=cfg.seed) if len(preds.features) >= 10 else None
+    if cfg.pictures:
+        save_pictures(out_dir / "pictures", images.paths, preds.clusters, preds.confidence,
+                      preds.features, labels, images.classes, history, sample=sample)
+    if cfg.report:
+        write_report(out_dir, ReportInputs(
+            out_dir.name, "training", preds.clusters, preds.confidence, images.paths, labels, images.classes,
+            sample, answer=module.explain_answer(), split=split, **run_files(out_dir, history)))
 
 
 def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -> None:
@@ -87,7 +97,7 @@ def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, f
         write_k_selection(out_dir, module, cfg)
     if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's
         predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures)
-    elif cfg.pictures:
+    elif cfg.pictures or cfg.report:
         draw_pictures(out_dir, module, cfg, datamodule, history)
     print(table or format_table(metrics))
     answer = module.answer()
@@ -102,5 +112,7 @@ def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, f
     if best:
         print(f"            best by {monitor}{chosen}: {best}")
     print(f"metrics:    {out_dir / 'metrics.json'}")
+    if cfg.report and (out_dir / "report.html").is_file():
+        print(f"report:     {out_dir / 'report.html'}")
     if isinstance(datamodule, EmbeddingFileDataModule):
         print(f"clusters:   {predictions}")

@@ -71,6 +71,7 @@ TINY = [
     "task.cluster.start_epoch=0",
     "print_config=false",
     "pictures=false",
+    "report=false",
 ]
 
 

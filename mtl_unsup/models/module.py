@@ -236,6 +236,21 @@ class MultiTaskModule(L.LightningModule):
         name = latest_stage(self.tasks, fits)
         return None if name is None else self.head_name(name, self.tasks[name].answer_head())
 
+    def explain_answer(self) -> str:
+        """A sentence: which head answers, and why (for the report)."""
+        answer = self.answer()
+        if answer is None:
+            return ("The answer is k-means of the features: no clustering head with cluster.k clusters "
+                    "trained and held up.")
+        if self.answer_setting != "auto":
+            return f"The answer is the {answer} head, named by cluster.answer."
+        if len(self.heads) == 1:
+            return f"The answer is the {answer} head, the run's only clustering head."
+        return (f"The answer is the {answer} head, chosen without labels among {len(self.heads)} clustering "
+                "heads: of the trained heads with cluster.k clusters, the latest stage of the pipeline "
+                "(neighbours after k-means targets), then the latest start, then the head's own lowest "
+                "running loss.")
+
     def head_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of every clustering head, by full head name."""
         return {self.head_name(name, sub): logits for name, task in self.tasks.items()
