@@ -47,4 +47,5 @@ def run_files(out_dir: Path, history: Path | None = None, config: Path | None = 
     return {"metrics": read_json(out_dir / "metrics.json"),
             "run_info": read_json(out_dir / "run_info.json"),
             "config": config.read_text() if config.is_file() else "",
-            "curves": curves(history or out_dir / "epochs.jsonl"), "k_selection": scores, "k_criterion": criterion}
+            "curves": curves(history or out_dir / "epochs.jsonl"),
+            "k_selection": scores, "k_criterion": criterion}

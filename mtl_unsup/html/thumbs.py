@@ -67,7 +67,8 @@ def identity(paths: Sequence[Path | str], order: np.ndarray, size: int, per_shee
 
 
 def write_sprites(paths: Sequence[Path | str], order: np.ndarray, page_dir: Path,
-                  folder: str = "report_files", size: int = 48, per_sheet: int = 256, workers: int = 4) -> Sprites:
+                  folder: str = "report_files", size: int = 48, per_sheet: int = 256,
+                  workers: int = 4) -> Sprites:
     """Thumbnails of ``paths`` in ``order`` into ``page_dir/folder``; reused when already there."""
     columns = int(math.ceil(math.sqrt(per_sheet)))
     position = np.empty(len(paths), dtype=np.int64)
