@@ -41,6 +41,8 @@ class EvaluateConfig(TrainingOnly):
     out_dir: str = "${hydra:runtime.output_dir}"
     knn_k: int = 20
     pictures: bool = True
+    # report.html (and its thumbnails in report_files/) in out_dir
+    report: bool = True
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
@@ -123,10 +125,11 @@ def evaluate(cfg: DictConfig) -> dict:
     from mtl_unsup.baselines import check_baselines, comparison_table
     from mtl_unsup.data.images import DataError
     from mtl_unsup.embedding_outputs import viewable
+    from mtl_unsup.html.outputs import write_prediction_report
     from mtl_unsup.inference import model_from_checkpoint
     from mtl_unsup.metrics import score_clustering
     from mtl_unsup.model_inputs import run_model
-    from mtl_unsup.visualize import save_pictures
+    from mtl_unsup.visualize import save_pictures, tsne_sample
 
     baselines = check_baselines(cfg.baselines)
     if cfg.hdbscan_min_cluster_size is not None and cfg.hdbscan_min_cluster_size < 2:
@@ -134,7 +137,8 @@ def evaluate(cfg: DictConfig) -> dict:
                                "or null for max(5, images // (4 k)).")
     out_dir = Path(cfg.out_dir)
     if not cfg.overwrite:
-        refuse_to_overwrite([out_dir / "evaluation.json", out_dir / "clusters.csv"])
+        refuse_to_overwrite([out_dir / "evaluation.json", out_dir / "clusters.csv",
+                             *([out_dir / "report.html"] if cfg.report else [])])
     module, train_cfg = model_from_checkpoint(cfg.ckpt)
 
     def labelled(inputs: Inputs) -> None:  # checked before the model runs
@@ -168,9 +172,14 @@ def evaluate(cfg: DictConfig) -> dict:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
+    sample = tsne_sample(preds.features, seed=int(train_cfg.get("seed", 0))) \
+        if (cfg.pictures or cfg.report) and len(preds.features) >= 10 else None
     if cfg.pictures:
         save_pictures(out_dir, viewable(images.paths), preds.clusters, preds.confidence, preds.features,
-                      labels, images.classes)
+                      labels, images.classes, sample=sample)
+    if cfg.report:
+        write_prediction_report(out_dir, "evaluate", module, train_cfg, viewable(images.paths), preds, labels,
+                                images.classes, result, sample)
     print(summary)
     print("| cluster | size | majority class | purity |\n|---|---|---|---|")
     for row in table:
@@ -179,7 +188,7 @@ def evaluate(cfg: DictConfig) -> dict:
         print("\nThe same features, clustered without labels (seconds: the model's forward pass; "
               "a baseline's clustering):")
         print(comparison_table([model_row, *rows]))
-    print(f"written to {out_dir}")
+    print(f"written to {out_dir}" + (f" (open {out_dir / 'report.html'})" if cfg.report else ""))
     return result
 
 

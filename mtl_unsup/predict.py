@@ -55,6 +55,8 @@ class PredictConfig(TrainingOnly):
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
+    # report.html (and its thumbnails in report_files/) in out_dir
+    report: bool = True
 
 
 register_configs()  # the data options' schemas
@@ -118,7 +120,8 @@ def predict(cfg: DictConfig) -> Path:
         raise ConfigValueError(f"sort={cfg.sort!r} is not one of {', '.join(SORT_MODES)}.")
     out_dir = Path(cfg.out_dir)
     if not cfg.overwrite:
-        refuse_to_overwrite(output_paths(out_dir, cfg.save_embeddings, cfg.sort))
+        refuse_to_overwrite(output_paths(out_dir, cfg.save_embeddings, cfg.sort)
+                            + ([out_dir / "report.html"] if cfg.report else []))
     from mtl_unsup.inference import model_from_checkpoint
     from mtl_unsup.model_inputs import run_model
 
@@ -138,6 +141,14 @@ def predict(cfg: DictConfig) -> Path:
     sizes = np.bincount(preds.clusters, minlength=module.k)
     what = "images" if "root" in cfg.data else "rows"
     print(f"{len(inputs)} {what} -> {int((sizes > 0).sum())} clusters; sizes: {sizes.tolist()}")
+    if cfg.report:
+        from mtl_unsup.embedding_outputs import viewable
+        from mtl_unsup.html.outputs import write_prediction_report
+
+        labels = np.asarray(inputs.labels) if inputs.has_labels else None
+        report = write_prediction_report(out_dir, "predict", module, train_cfg, viewable(inputs.paths),
+                                         preds, labels, inputs.classes if labels is not None else ())
+        print(f"report:      {report}")
     print(f"predictions: {out_dir / 'predictions.csv'}")
     return out_dir / "predictions.csv"
 

@@ -46,6 +46,8 @@ def test_the_wheel_installs_a_package_that_composes_its_configs(tmp_path):
         assert f"mtl_unsup/conf/{path.relative_to(ROOT / 'conf').as_posix()}" in names
     for path in sorted((ROOT / "mtl_unsup").rglob("*.py")):  # a new subpackage must be listed
         assert path.relative_to(ROOT).as_posix() in names
+    for path in sorted((ROOT / "mtl_unsup" / "html" / "assets").iterdir()):  # the report's script and style
+        assert path.relative_to(ROOT).as_posix() in names
 
     env = {**os.environ, "PYTHONPATH": str(site), "MTL_UNSUP_CACHE": str(tmp_path / "cache")}
     commands = {

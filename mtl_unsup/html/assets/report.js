@@ -244,4 +244,11 @@
   document.body.setAttribute("data-errors", String(errors));
   document.body.setAttribute("data-clusters", String(document.querySelectorAll("section.cluster").length));
   document.body.setAttribute("data-rendered", "1");
+  // what the page fetched (thumbnail sheets), for a reader measuring how heavy it is
+  function countFetched() {
+    var sheets = performance.getEntriesByType("resource").filter(function (r) { return /sheet-\d+\.jpg/.test(r.name); });
+    document.body.setAttribute("data-sheets-fetched", String(sheets.length));
+  }
+  window.addEventListener("load", countFetched);
+  setTimeout(countFetched, 3000);
 })();
