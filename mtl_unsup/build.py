@@ -26,6 +26,7 @@ from mtl_unsup.data.embeddings import EmbeddingCache
 from mtl_unsup.data.images import DataError
 from mtl_unsup.extensions import build_extra_callbacks, build_loggers
 from mtl_unsup.history import EpochHistory
+from mtl_unsup.logged_pictures import PicturesEveryNEpochs
 from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.backbones import expected_input
 from mtl_unsup.models.evaluation import split_metric_names
@@ -243,6 +244,8 @@ def build_trainer(cfg: DictConfig, ckpt_dir: Path | None = None, history_dir: Pa
     history into ``history_dir`` (by default the run directory's)."""
     callbacks, checkpoint = build_callbacks(cfg, ckpt_dir, refresh)
     callbacks += [EpochHistory(history_dir or cfg.paths.output_dir), *build_extra_callbacks(cfg)]
+    if cfg.get("pictures_every_n_epochs"):
+        callbacks.append(PicturesEveryNEpochs(cfg.pictures_every_n_epochs, Path(cfg.paths.output_dir), cfg))
     logger = build_loggers(cfg)
     extra = {}
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()

@@ -220,6 +220,8 @@ class TrainConfig:
     resume: bool = False
     print_config: bool = True
     pictures: bool = True
+    # also every n epochs of training: the cluster grid and confusion, to pictures/epochs/ and the loggers
+    pictures_every_n_epochs: int = 0
     report: bool = True
     channels_last: bool = True
     optimized_metric: str | None = "val/silhouette"
@@ -251,6 +253,9 @@ def check_config(cfg: Any) -> None:
     problems += k_problems(cfg.cluster)
     if cfg.warmup_epochs < 0:
         problems.append(f"warmup_epochs={cfg.warmup_epochs}: must be >= 0.")
+    if cfg.pictures_every_n_epochs < 0:
+        problems.append(f"pictures_every_n_epochs={cfg.pictures_every_n_epochs}: must be >= 0 (0: pictures "
+                        "at the end only).")
     if cfg.cluster.every_n_epochs < 1:
         problems.append(f"cluster.every_n_epochs={cfg.cluster.every_n_epochs}: must be >= 1.")
     if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim < 0:

@@ -17,6 +17,7 @@ from mtl_unsup.history import HISTORY
 from mtl_unsup.html import ReportInputs, write_report
 from mtl_unsup.html.run_files import run_files
 from mtl_unsup.inference import predict_images
+from mtl_unsup.logged_pictures import drawn_pictures, log_pictures
 from mtl_unsup.metrics import reads_labels
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.runinfo import run_info
@@ -99,6 +100,8 @@ def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, f
         predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures)
     elif cfg.pictures or cfg.report:
         draw_pictures(out_dir, module, cfg, datamodule, history)
+    if cfg.pictures:  # TensorBoard, W&B and MLflow get them too
+        log_pictures(run.trainer.loggers, drawn_pictures(out_dir / "pictures"), run.trainer.global_step)
     print(table or format_table(metrics))
     answer = module.answer()
     print(f"answer:     {answer or 'k-means of the features'}"

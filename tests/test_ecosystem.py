@@ -30,13 +30,26 @@ def shapes(tmp_path_factory) -> Path:
 def test_every_logger_writes_and_the_curves_need_none(shapes, tmp_path):
     everything = ["logger=[csv,tensorboard,mlflow,wandb]",
                   "callbacks=[default,lr_monitor,early_stopping,rich_progress_bar]",
-                  "trainer.enable_progress_bar=true"]
+                  "trainer.enable_progress_bar=true", "pictures=true", "pictures_every_n_epochs=1"]
     train(compose_cfg(tmp_path / "all", [*tiny_folder_overrides(shapes), *everything]))
     out = tmp_path / "all"
     assert (out / "csv" / "metrics.csv").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "mlflow.db").stat().st_size > 0
     assert list((out / "wandb").glob("offline-run-*"))  # offline: nothing left the machine
+    # the pictures, in each logger's own way: images in TensorBoard and W&B, artifacts in MLflow,
+    # files for CSV; every epoch (pictures_every_n_epochs=1) and at the end
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent),
+                              size_guidance={"images": 0})
+    images = events.Reload().Tags()["images"]
+    assert {"pictures/cluster_grid", "pictures/confusion", "pictures/embedding"} <= set(images)
+    assert len(events.Images("pictures/cluster_grid")) == 3  # epochs 0 and 1, then the end
+    assert len(list((out / "wandb").rglob("media/images/pictures/cluster_grid_*.png"))) == 3
+    logged = {p.name for p in (out / "mlflow-artifacts").rglob("*.png")}
+    assert {"epoch000_cluster_grid.png", "cluster_grid.png", "confusion.png"} <= logged
+    assert (out / "pictures" / "epochs" / "epoch001_confusion.png").is_file()
     rows = read_history(out / "epochs.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1]
     assert rows[0]["train/lr"] == pytest.approx(0.002) and "val/silhouette" in rows[1]
