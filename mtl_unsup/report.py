@@ -3,7 +3,9 @@
 Reads every job's ``metrics.json`` and ``.hydra/overrides.yaml`` below the sweep directory,
 groups the jobs by the swept keys other than the seed, and writes mean, standard deviation and
 number of runs of each metric as ``results.md`` and ``results.csv`` in the sweep directory.
-Jobs without ``metrics.json`` (failed or unfinished) are listed, never silently dropped.
+Jobs without ``metrics.json`` (failed or unfinished) are listed, never silently dropped. It also
+writes ``report.html``: each metric against each swept key as plots, the table, and a link to each
+job's own report (see :mod:`mtl_unsup.html.sweep`).
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ def report(sweep_dir: str | Path, metrics: list[str] | None = None) -> str:
                 values = [j.metrics[m] for j in done if m in j.metrics]
                 stats += list(summarise(values)) if values else ["", ""]
             writer.writerow([v for _, v in group.key] + [len(done), len(group.jobs), *stats])
+    from mtl_unsup.html.sweep import write_sweep_report
+
+    write_sweep_report(sweep_dir, jobs, keys, metrics, rows, columns)
     return text
 
 
@@ -138,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", nargs="+", help=f"metric keys (default: {DEFAULT_METRICS})")
     args = parser.parse_args(argv)
     print(report(args.sweep_dir, args.metrics))
-    print(f"\nwritten: {Path(args.sweep_dir) / 'results.md'}, {Path(args.sweep_dir) / 'results.csv'}")
+    names = ("results.md", "results.csv", "report.html")
+    written = ", ".join(str(Path(args.sweep_dir) / name) for name in names)
+    print(f"\nwritten: {written}")
 
 
 if __name__ == "__main__":

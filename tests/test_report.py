@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def test_groups_by_swept_keys_other_than_seed_with_mean_std_and_count(tmp_path, 
     assert [r["cluster.k"] for r in rows] == ["10", "20"]
     assert float(rows[0]["test/acc_mean"]) == pytest.approx(0.8)
     assert rows[1]["runs_done"] == "2" and rows[1]["runs"] == "3"
+    # the page: a plot of each metric against the swept key, the table, each job linked when it
+    # has a report of its own, the failed job marked
+    (tmp_path / "0" / "report.html").write_text("<html></html>")
+    main([str(tmp_path)])
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<svg") == 2 and "test/acc against cluster.k" in page and "test/nmi against" in page
+    assert '<a href="0/report.html">0</a>' in page and '<a href="1/report.html">' not in page
+    assert "failed or unfinished" in page and "0.8000 ± 0.1000" in page
+    assert not re.search(r"(src|href)=.https?:", page)  # nothing fetched from a network
 
 
 def test_an_empty_directory_is_an_error(tmp_path, capsys):
