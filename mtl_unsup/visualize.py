@@ -125,7 +125,8 @@ def training_curves(history: Path, out: Path) -> Path:
         epochs = sorted(points)
         ax.plot(epochs, [points[e] for e in epochs], label=key, marker="." if len(epochs) < 30 else None)
     left.set_title("losses (weighted sum and per task)")
-    right.set_title("clustering quality (silhouette label-free; the rest read labels, reported only)")
+    right.set_title("clustering quality\n(silhouette is label-free; the rest read labels, reported only)",
+                    fontsize=10)
     for ax in (left, right):
         ax.set_xlabel("epoch")
         if ax.lines:

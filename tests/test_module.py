@@ -136,3 +136,21 @@ def test_channels_last_computes_the_same_features_and_checkpoints_load_either_wa
     assert torch.allclose(plain.features(x), fast.features(x), atol=1e-5)
     plain.load_state_dict(fast.state_dict())  # a channels-last checkpoint loads into a plain model
     assert torch.allclose(plain.features(x), fast.features(x), atol=1e-5)
+
+
+def test_validation_assigns_to_the_training_clustering_once_there_is_one(shapes_dir, tmp_path, monkeypatch):
+    """val/kmeans_acc means one computation in the curves and in metrics.json: the images go to the
+    training clustering's centroids, never to a k-means refitted on the split, once one exists."""
+    def refit(self, features):
+        raise AssertionError("validation refitted k-means although the training clustering exists")
+
+    monkeypatch.setattr(MultiTaskModule, "_fit_kmeans", refit)
+    # clustered from epoch 0 (task.cluster.start_epoch=0), and no validation before that
+    overrides = [*tiny_folder_overrides(shapes_dir), "trainer.num_sanity_val_steps=0"]
+    cfg = compose_cfg(tmp_path, overrides)
+    from mtl_unsup.history import read_history
+    from mtl_unsup.train import train
+
+    metrics = train(cfg)
+    rows = read_history(tmp_path / "epochs.jsonl")
+    assert all("val/kmeans_acc" in r for r in rows) and "val/kmeans_acc" in metrics

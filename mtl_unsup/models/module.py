@@ -411,9 +411,10 @@ class MultiTaskModule(L.LightningModule):
             self.log(name, float(value), prog_bar=name == "val/silhouette", sync_dist=True)
 
     def _kmeans_from_state(self) -> bool:
-        """Testing after fit: the final clustering is current, its centroids assign the split.
-        Validating during fit: the clustering may be epochs old, so k-means is fitted afresh."""
-        return self.trainer.testing and self.cluster_state is not None
+        """The split's images go to the training clustering's centroids (the last refresh's during
+        fit, the final one when testing), so ``val/kmeans_acc`` means one computation in the curves
+        and in ``metrics.json``; before the first clustering, k-means is fitted on the split."""
+        return self.cluster_state is not None
 
     def _fit_kmeans(self, features: torch.Tensor) -> torch.Tensor:
         """k-means of the current validation features."""
