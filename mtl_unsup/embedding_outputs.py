@@ -17,9 +17,11 @@ import numpy as np
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.images import load_image
 from mtl_unsup.history import HISTORY
+from mtl_unsup.html import ReportInputs, write_report
+from mtl_unsup.html.run_files import run_files
 from mtl_unsup.inference import Predictions, predict_loader
 from mtl_unsup.models.module import MultiTaskModule
-from mtl_unsup.visualize import save_pictures
+from mtl_unsup.visualize import save_pictures, tsne_sample
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,9 @@ def viewable(paths: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
 
 
 def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: EmbeddingFileDataModule,
-                          pictures: bool) -> Path:
-    """``predictions.csv`` for every row and, with ``pictures``, the held-out split's pictures."""
+                          pictures: bool, report: bool = False, seed: int = 0) -> Path:
+    """``predictions.csv`` for every row and, with ``pictures`` and ``report``, the held-out split's
+    pictures and ``report.html`` (thumbnails when the rows' paths are images readable here)."""
     preds: dict[str, Predictions] = {
         split: predict_loader(module, datamodule.split_loader(split), progress=False, device=module.device)
         for split in datamodule.splits}
@@ -55,10 +58,16 @@ def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: Em
             p = preds[split]
             writer.writerow([row, split, *([str(table.paths[row])] if table.paths else []),
                              int(p.clusters[i]), f"{p.confidence[i]:.6f}", f"{p.distance[i]:.6f}"])
+    split = datamodule.eval_splits()[0]
+    part, p = datamodule.splits[split], preds[split]
+    labels = np.asarray(part.labels) if part.has_labels else None
+    sample = tsne_sample(p.features, seed=seed) if (pictures or report) and len(p.features) >= 10 else None
+    paths = viewable(part.paths) if pictures or report else None
     if pictures:
-        split = datamodule.eval_splits()[0]
-        part, p = datamodule.splits[split], preds[split]
-        labels = np.asarray(part.labels) if part.has_labels else None
-        save_pictures(out_dir / "pictures", viewable(part.paths), p.clusters, p.confidence, p.features,
-                      labels, part.classes, out_dir / HISTORY)
+        save_pictures(out_dir / "pictures", paths, p.clusters, p.confidence, p.features,
+                      labels, part.classes, out_dir / HISTORY, sample=sample)
+    if report:
+        write_report(out_dir, ReportInputs(
+            out_dir.name, "training", p.clusters, p.confidence, paths, labels, part.classes, sample,
+            answer=module.explain_answer(), split=split, **run_files(out_dir)))
     return path

@@ -97,7 +97,7 @@ def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, f
     if module.auto_k:
         write_k_selection(out_dir, module, cfg)
     if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's
-        predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures)
+        predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures, cfg.report, cfg.seed)
     elif cfg.pictures or cfg.report:
         draw_pictures(out_dir, module, cfg, datamodule, history)
     if cfg.pictures:  # TensorBoard, W&B and MLflow get them too
