@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl_unsup.checkpoint_io import AtomicCheckpointIO
 from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.clustering.refresh import ClusterSettings
 from mtl_unsup.clustering.sharded import check_sharded_tasks
@@ -252,9 +253,10 @@ def build_trainer(cfg: DictConfig, ckpt_dir: Path | None = None, history_dir: Pa
     if cfg.trainer.get("sync_batchnorm") and on_cpu:
         rank_zero_warn("trainer.sync_batchnorm needs GPUs (SyncBatchNorm); off for this CPU run.")
         extra["sync_batchnorm"] = False
-    # _convert_: a dict value (trainer.max_time={hours: 12}) reaches Lightning as a dict
+    # _convert_: a dict value (trainer.max_time={hours: 12}) reaches Lightning as a dict; every
+    # checkpoint is written whole, beside the one it replaces (mtl_unsup/checkpoint_io.py)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, _convert_="all",
-                                     **extra)
+                                     plugins=[AtomicCheckpointIO()], **extra)
     return trainer, checkpoint
 
 
