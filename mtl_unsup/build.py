@@ -35,6 +35,7 @@ from mtl_unsup.models.factory import model_factory
 from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.schedule import check_schedule
+from mtl_unsup.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path | None = None,
     callbacks: list[L.Callback] = [
         PseudoLabelCallback(k=cfg.cluster.k, settings=cluster_settings(cfg),
                             every_n_epochs=cfg.cluster.every_n_epochs, seed=cfg.seed, refresh=refresh),
+        StopOnSignal(ckpt_dir / "last.ckpt"),  # SIGTERM, SIGINT: a checkpoint, then exit 143 / 130
         last,
     ]
     if monitor:

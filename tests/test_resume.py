@@ -28,10 +28,11 @@ SETTINGS = ["trainer.max_epochs=3", "trainer.deterministic=true", "data.batch_si
             "task.selflabel.threshold=0.5", "task.overcluster.start_epoch=0", "task.overcluster.k_factor=2"]
 
 
-def run(out: Path, kill_step: int, root: Path, *extra: str, requeued: bool = False
+def run(out: Path, kill_step: int, root: Path, *extra: str, requeued: bool = False, kill: str = "KILL"
         ) -> subprocess.CompletedProcess:
-    """The tiny training in a process of its own; ``requeued``: as SLURM re-runs a requeued job."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """The tiny training in a process of its own; ``requeued``: as SLURM re-runs a requeued job;
+    ``kill``: the signal sent at ``kill_step``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "KILL_SIGNAL": kill}
     env.pop("SLURM_RESTART_COUNT", None)
     if requeued:
         env["SLURM_RESTART_COUNT"] = "1"
@@ -75,6 +76,24 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(uninterrupte
     reference = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
     for name, value in reference["state_dict"].items():
         assert torch.equal(final[name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, status", [("TERM", 143), ("INT", 130)])
+def test_a_signal_saves_a_checkpoint_names_the_resume_command_and_exits_non_zero(uninterrupted, tmp_path,
+                                                                                 name, status):
+    root, whole = uninterrupted
+    out = tmp_path / "stopped"
+    stopped = run(out, 7, root, kill=name)  # the signal comes after step 7: the run stops after step 8
+    assert stopped.returncode == status, stopped.stderr[-3000:]
+    last = out / "checkpoints" / "last.ckpt"
+    assert f"stopped by SIG{name} at epoch 1, step 8; saved {last}" in stopped.stderr
+    assert "resume=true" in stopped.stderr.split("resume with:")[1]
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert not (out / "metrics.json").exists()
+    resumed = run(out, 0, root, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "metrics.json").read_text() == (whole / "metrics.json").read_text()
 
 
 def test_a_requeued_slurm_job_continues_its_own_unfinished_run(tmp_path, monkeypatch):

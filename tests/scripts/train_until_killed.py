@@ -1,4 +1,5 @@
-"""Train the tiny config; with a kill step, SIGKILL this very process right after that step.
+"""Train the tiny config; with a kill step, SIGKILL this very process right after that step
+(or the signal named by ``KILL_SIGNAL``, e.g. TERM or INT, which the run handles itself).
 
 Usage: python train_until_killed.py <out dir> <kill step, 0 for none> <image folder> [override...]
 """
@@ -22,7 +23,7 @@ class KillAt(L.Callback):
 
     def on_train_batch_end(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
 
 
 def main() -> None:
