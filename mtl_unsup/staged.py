@@ -28,7 +28,7 @@ from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.results import format_table, write_results, write_run_info
 from mtl_unsup.schedule import check_schedule
 from mtl_unsup.stages import Stage, as_timedelta, max_time_string, plan_stages
-from mtl_unsup.training import adopt_checkpoint, fit_and_test, start_run
+from mtl_unsup.training import adopt_checkpoint, fit_and_test
 
 PROGRESS = "stages.json"
 
@@ -129,9 +129,11 @@ def stage_table(plan: list[Stage], metrics: dict[str, dict[str, float]]) -> str:
     return "\n\n".join(blocks)
 
 
-def train_stages(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
-    """Run every stage of ``cfg.stages`` in order; returns the metrics written to ``metrics.json``."""
-    ckpt_path, out_dir = start_run(cfg)
+def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
+                 extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
+    """Run every stage of ``cfg.stages`` in order, from ``ckpt_path`` (None: from scratch) into
+    ``out_dir`` (both from :func:`~mtl_unsup.training.start_run`); returns the metrics written
+    to ``metrics.json``."""
     plan = plan_stages(cfg)
     datamodule, module = build_model(plan[0].cfg, staged=True)
     check_stage_settings(plan, module)

@@ -40,6 +40,7 @@ from mtl_unsup.results import (  # noqa: F401 (also found here by mtl_unsup.trai
     write_run_info,
 )
 from mtl_unsup.resume import resolve_start
+from mtl_unsup.run_lock import run_dir_lock
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -121,12 +122,21 @@ def fit_and_test(run: Run, ckpt_path: str | None, last_path: Path) -> dict[str, 
 
 def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
     """Fit and test one model; returns the final metrics (also written to ``metrics.json``).
-    A run with ``stages`` runs each in turn (:func:`mtl_unsup.staged.train_stages`)."""
-    if cfg.get("stages"):
-        from mtl_unsup.staged import train_stages
+    A run with ``stages`` runs each in turn (:func:`mtl_unsup.staged.train_stages`). The run
+    directory is locked from before it is looked at until the run ends (one writer per run)."""
+    with run_dir_lock(Path(cfg.paths.output_dir)):
+        ckpt_path, out_dir = start_run(cfg)
+        with run_dir_lock(out_dir):  # resume=true may continue another directory's run
+            if cfg.get("stages"):
+                from mtl_unsup.staged import train_stages
 
-        return train_stages(cfg, extra_callbacks)
-    ckpt_path, out_dir = start_run(cfg)
+                return train_stages(cfg, ckpt_path, out_dir, extra_callbacks)
+            return train_one(cfg, ckpt_path, out_dir, extra_callbacks)
+
+
+def train_one(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
+              extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
+    """A run of one stage, from ``ckpt_path`` (None: from scratch) into ``out_dir``."""
     run = build_run(cfg)
     if ckpt_path:  # resuming: resume=true, or a requeued job continuing its own run
         resuming = bool(cfg.resume) or Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
