@@ -7,6 +7,7 @@ when the newest turns out damaged."""
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mtl_unsup.atomic import write_with
-
-
-def previous_of(path: Path) -> Path:
-    return path.with_name(path.name + ".prev")
+from mtl_unsup.integrity import previous_of
 
 
 def keep_previous(path: Path) -> None:
     """Link the checkpoint at ``path`` (if any) as ``<path>.prev``, replacing the older one."""
-    if not path.is_file():
+    if not path.is_file() or not zipfile.is_zipfile(path):  # a damaged one is no fallback
         return
     link = path.with_name(f".{path.name}.prev-{os.getpid()}")
     link.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from mtl_unsup.config import max_clusters
 from mtl_unsup.data.dataset import ImageDataset
 from mtl_unsup.data.images import ImageList
 from mtl_unsup.errors import CheckpointError  # noqa: F401  (re-exported: raised here)
+from mtl_unsup.integrity import checkpoint_problem
 from mtl_unsup.models.factory import model_factory
 from mtl_unsup.models.feature_input import FEATURES_TARGET
 from mtl_unsup.models.module import MultiTaskModule
@@ -33,6 +34,10 @@ def load_checkpoint(path: str | Path, key: str = "ckpt") -> dict[str, Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{key}={str(path)!r} does not exist. Point it at a .ckpt file of a run.")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{key}={str(path)!r} is {problem}. Use another checkpoint of the run (with "
+                              f"resume=true a damaged last.ckpt falls back to last.ckpt.prev).")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 from hydra.core.hydra_config import HydraConfig
 
-from mtl_unsup.errors import UserError
+from mtl_unsup.errors import CheckpointError, UserError
+from mtl_unsup.integrity import checkpoint_problem, previous_of
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,32 @@ def run_checkpoint(out_dir: Path) -> Path | None:
     return max(staged, key=lambda p: p.stat().st_mtime_ns) if staged else None
 
 
+def usable_checkpoint(last: Path) -> Path:
+    """``last``, or when it is damaged (truncated, corrupt) the checkpoint it replaced, saying so;
+    a :class:`CheckpointError` when neither is whole."""
+    problem = checkpoint_problem(last)
+    if problem is None:
+        return last
+    previous = previous_of(last)
+    before = checkpoint_problem(previous) if previous.is_file() else "missing"
+    if before is not None:
+        raise CheckpointError(f"{last} is {problem}, and the checkpoint before it ({previous.name}) is "
+                              f"{before}. Start afresh (without resume=true, in a new hydra.run.dir) or "
+                              "from another checkpoint with ckpt_path=...")
+    import torch
+
+    step = torch.load(previous, map_location="cpu", weights_only=True).get("global_step", "?")
+    log.warning("%s is %s: resuming from %s, the checkpoint before it, at step %s; the steps trained after "
+                "it are trained again (a checkpoint comes every checkpoint.every_n_train_steps steps).",
+                last, problem, previous.name, step)
+    return previous
+
+
 def requeued_run(out_dir: Path) -> Path | None:
     """``last.ckpt`` of ``out_dir`` when this is a requeued SLURM job whose run there is unfinished."""
     last = run_checkpoint(out_dir)
     if slurm_restart_count() >= 1 and last is not None and not (out_dir / "metrics.json").exists():
-        return last
+        return usable_checkpoint(last)
     return None
 
 
@@ -106,12 +128,12 @@ def resolve_start(ckpt_path: str | None, resume: bool, out_dir: Path) -> tuple[s
     if resume:
         own = run_checkpoint(out_dir)
         if own is not None:
-            return str(own), out_dir
+            return str(usable_checkpoint(own)), out_dir
         overrides = current_overrides()
         match = find_unfinished_run(out_dir, overrides) if overrides is not None else None
         if match is not None:
             log.info("Resuming the unfinished run in %s", match)
-            return str(run_checkpoint(match)), match
+            return str(usable_checkpoint(run_checkpoint(match))), match
         log.warning("resume=true, but no unfinished run of this command was found: starting afresh.")
         return None, out_dir
     if holds_a_run(out_dir):

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mtl_unsup.atomic import DiskFullError, write_text
-from mtl_unsup.checkpoint_io import AtomicCheckpointIO, previous_of
+from mtl_unsup.checkpoint_io import AtomicCheckpointIO
+from mtl_unsup.integrity import checkpoint_problem, previous_of
 from mtl_unsup.resume import RunDirError
 from mtl_unsup.run_lock import LOCK, acquire, release
 
@@ -102,3 +103,26 @@ def test_two_commands_into_one_run_directory(tmp_path):
     assert "Traceback" not in second.stderr
     assert not list((run_dir / "checkpoints").glob("last-v*.ckpt"))  # nothing interleaved
     assert not (run_dir / "run_info.resumed-1.json").exists()
+
+
+def test_damaged_checkpoints_are_named_and_resuming_falls_back_to_the_one_before(tmp_path, caplog):
+    from mtl_unsup.errors import CheckpointError
+    from mtl_unsup.resume import usable_checkpoint
+
+    io, last = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 6, "w": torch.arange(4000)}, last)
+    io.save_checkpoint({"global_step": 9, "w": torch.arange(4000)}, last)
+    whole = last.read_bytes()
+    assert checkpoint_problem(last) is None and usable_checkpoint(last) == last
+    last.write_bytes(whole[: len(whole) // 2])  # cut short
+    assert checkpoint_problem(last).startswith(f"truncated, or not a checkpoint ({len(whole) // 2:,} bytes")
+    assert usable_checkpoint(last) == previous_of(last)
+    assert "last.ckpt is truncated" in caplog.text and "resuming from last.ckpt.prev" in caplog.text
+    assert "at step 6" in caplog.text
+    flipped = bytearray(whole)
+    flipped[len(whole) // 3] ^= 0x10  # torch.load reads this without complaint
+    last.write_bytes(bytes(flipped))
+    assert "fails its checksum" in checkpoint_problem(last)
+    previous_of(last).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"last.ckpt is corrupt .* \(last.ckpt.prev\) is empty"):
+        usable_checkpoint(last)

@@ -188,7 +188,7 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_named_before_training(shapes_dir, 
 
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"ckpt_path='.*junk\.ckpt' cannot be read"):
+    with pytest.raises(CheckpointError, match=r"ckpt_path='.*junk\.ckpt' is truncated, or not a checkpoint"):
         train(compose_cfg(tmp_path / "run", [*tiny_folder_overrides(shapes_dir), f"ckpt_path={junk}"]))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
