@@ -105,6 +105,19 @@ def run_dir_lock(*run_dirs: Path) -> Iterator[None]:
             release(run_dir)
 
 
+@contextmanager
+def entry_lock(path: Path) -> Iterator[None]:
+    """Wait for, then hold, the lock of one cache entry (``<path>.lock``): parallel jobs that share
+    a cache compute an entry once, and none reads it half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases it
+
+
 class LockRunDir(Callback):
     """Hydra callback: the run directory is locked as soon as Hydra has composed the command's
     config, before the task function reads or writes anything in it."""

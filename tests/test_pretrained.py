@@ -151,7 +151,7 @@ def test_a_frozen_run_trains_heads_only_and_predicts_like_any_other(tmp_path, sh
     assert preds.features.shape == (len(run.datamodule.splits["test"]), source.feature_dim)
 
 
-def test_cached_features_are_the_backbones_and_are_computed_once(tmp_path, shapes_dir):
+def test_cached_features_are_the_backbones_and_are_computed_once(tmp_path, shapes_dir, caplog):
     torch.save(SmallCNN(1, (8, 16), convs_per_stage=1).state_dict(), tmp_path / "w.pt")
     overrides = [*tiny_folder_overrides(shapes_dir), f"backbone.weights_path={tmp_path / 'w.pt'}",
                  "backbone.freeze=true", "task=[cluster,contrastive]", "data.embedding_copies=3",
@@ -173,6 +173,13 @@ def test_cached_features_are_the_backbones_and_are_computed_once(tmp_path, shape
     again = build_run(compose_cfg(tmp_path / "b", overrides))  # read back, not computed again
     assert (again.datamodule._dataset("train").features == train_rows.features).all()
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    # a damaged entry (cut short) is computed again, with a warning, and gives the same rows
+    entry = next(f for f in files if f.name.startswith("train"))
+    entry.write_bytes(entry.read_bytes()[:200])
+    with caplog.at_level("WARNING"):
+        mended = build_run(compose_cfg(tmp_path / "d", overrides))
+    assert f"The cached features {entry} are damaged (200 bytes" in caplog.text
+    assert (mended.datamodule._dataset("train").features == train_rows.features).all()
     # other weights are other features: a new key
     torch.save(SmallCNN(1, (8, 16), convs_per_stage=1).state_dict(), tmp_path / "w.pt")
     build_run(compose_cfg(tmp_path / "c", overrides)).datamodule._dataset("test")

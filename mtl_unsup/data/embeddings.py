@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mtl_unsup.atomic import write_with
+from mtl_unsup.run_lock import entry_lock
+
 log = logging.getLogger(__name__)
+
+
+def unreadable(path: Path) -> str | None:
+    """Why the cached array at ``path`` cannot be used (cut short, not an array); None if it can."""
+    try:
+        np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        return f"{path.stat().st_size:,} bytes: {err}"
+    return None
 
 
 def state_digest(module: nn.Module) -> str:
@@ -151,14 +162,23 @@ class EmbeddingCache:
         """The split's features, from the cache when there, else computed by the main process and
         written (atomically) for every process and every later run to read."""
         path = self.path(split, fingerprint)
-        if not path.is_file() and is_main:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            log.info("Embedding the %s images with the frozen backbone (once: cached for later runs)", split)
-            features = self.compute(loader(), train=split == "train")
-            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-            np.save(tmp, features)
-            os.replace(tmp, path)
-            log.info("Cached the %s features of %d images (%s, %.0f MB) in %s", split, len(features),
-                     "x".join(map(str, features.shape[1:])), features.nbytes / 2**20, path.parent)
+        if is_main:
+            with entry_lock(path):  # jobs sharing the cache compute an entry once
+                problem = unreadable(path) if path.is_file() else None
+                if problem is not None:
+                    log.warning("The cached features %s are damaged (%s): computing them again.", path,
+                                problem)
+                if not path.is_file() or problem is not None:
+                    log.info("Embedding the %s images with the frozen backbone (once: cached for later runs)",
+                             split)
+                    features = self.compute(loader(), train=split == "train")
+
+                    def save(partial: Path) -> None:
+                        with open(partial, "wb") as f:  # np.save would add .npy to the name
+                            np.save(f, features)
+
+                    write_with(path, save)
+                    log.info("Cached the %s features of %d images (%s, %.0f MB) in %s", split, len(features),
+                             "x".join(map(str, features.shape[1:])), features.nbytes / 2**20, path.parent)
         barrier()
         return np.load(path, mmap_mode="r")
