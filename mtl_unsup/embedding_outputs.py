@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_unsup.atomic import atomic_path
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
 from mtl_unsup.data.images import load_image
 from mtl_unsup.history import HISTORY
@@ -50,7 +51,7 @@ def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: Em
     order = sorted((int(row), split, i) for split in preds
                    for i, row in enumerate(datamodule.splits[split].rows))
     path = out_dir / "predictions.csv"
-    with open(path, "w", newline="") as f:
+    with atomic_path(path) as partial, open(partial, "w", newline="") as f:
         writer = csv.writer(f)
         path_column = ["path"] if table.paths else []
         writer.writerow(["row", "split", *path_column, "cluster", "confidence", "distance"])

@@ -24,6 +24,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from mtl_unsup.atomic import atomic_path, write_text
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.config import BASELINES, ConfigValueError, PathsConfig, TrainingOnly, register_configs
 from mtl_unsup.predict import refuse_to_overwrite
@@ -167,8 +168,8 @@ def evaluate(cfg: DictConfig) -> dict:
     result.update(baseline_result)
     table = cluster_table(preds.clusters, labels, images.classes, k)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-    with open(out_dir / "clusters.csv", "w", newline="") as f:
+    write_text(out_dir / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    with atomic_path(out_dir / "clusters.csv") as partial, open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)

@@ -25,6 +25,7 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from mtl_unsup.atomic import atomic_path
 from mtl_unsup.cli import hydra_command
 from mtl_unsup.config import ConfigValueError, PathsConfig, TrainingOnly, register_configs
 from mtl_unsup.errors import UserError
@@ -92,7 +93,7 @@ def write_outputs(out_dir: Path, root: Path, paths: list[Path] | None, preds: Pr
     what ``save_embeddings`` and ``sort`` ask for."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [str(p) for p in paths] if paths is not None else [str(i) for i in range(len(preds.clusters))]
-    with open(out_dir / "predictions.csv", "w", newline="") as f:
+    with atomic_path(out_dir / "predictions.csv") as partial, open(partial, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path" if paths is not None else "row", "cluster", "confidence", "distance"])
         for p, c, conf, d in zip(names, preds.clusters, preds.confidence, preds.distance, strict=True):

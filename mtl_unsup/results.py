@@ -9,6 +9,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from mtl_unsup.atomic import write_text
 from mtl_unsup.build import Run
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.data.embedding_datamodule import EmbeddingFileDataModule
@@ -53,7 +54,7 @@ def write_run_info(out_dir: Path) -> None:
     while path.exists():
         n += 1
         path = out_dir / f"run_info.resumed-{n}.json"
-    path.write_text(json.dumps(run_info(), indent=2) + "\n")
+    write_text(path, json.dumps(run_info(), indent=2) + "\n")
 
 
 def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
@@ -81,7 +82,7 @@ def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -
     scores, criterion = module.k_selection, cfg.cluster.k_criterion
     rows = [f"{k},{v:.6f},{int(k == module.k)}" for k, v in sorted(scores.items())]
     lines = [f"k,{criterion},chosen", *rows]
-    (out_dir / "k_selection.csv").write_text("\n".join(lines) + "\n")
+    write_text(out_dir / "k_selection.csv", "\n".join(lines) + "\n")
     if cfg.pictures and scores:
         k_selection(scores, module.k, criterion, out_dir / "pictures" / "k_selection.png")
     print(f"cluster.k=auto chose k={module.k} by {criterion} (k_selection.csv)")
@@ -93,7 +94,7 @@ def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, f
     module, datamodule = run.module, run.datamodule
     if not run.trainer.is_global_zero:
         return
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if module.auto_k:
         write_k_selection(out_dir, module, cfg)
     if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from mtl_unsup.atomic import write_text
 from mtl_unsup.build import Run, build_model, build_trainer, check_selection
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
@@ -46,9 +47,7 @@ def read_progress(out_dir: Path) -> tuple[dict[str, dict[str, float]], float]:
 @rank_zero_only
 def write_progress(out_dir: Path, done: dict[str, dict[str, float]], seconds: float) -> None:
     path = out_dir / PROGRESS
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"done": done, "seconds": round(seconds, 1)}, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps({"done": done, "seconds": round(seconds, 1)}, indent=2) + "\n")
 
 
 def check_stage_settings(plan: list[Stage], module: MultiTaskModule) -> None:

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mtl_unsup.atomic import write_with  # noqa: E402
 from mtl_unsup.html.thumbs import thumbnail  # noqa: E402
 
 
@@ -150,7 +151,7 @@ def k_selection(scores: dict[int, float], chosen: int, criterion: str, out: Path
 def _save(fig: plt.Figure, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_with(out, lambda partial: fig.savefig(partial, dpi=100, format="png"))  # whole, or not at all
     plt.close(fig)
     return out
 

@@ -9,6 +9,7 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+from mtl_unsup.atomic import write_text
 from mtl_unsup.html.content import ReportInputs, display_order, report_content
 from mtl_unsup.html.thumbs import write_sprites
 
@@ -54,8 +55,4 @@ def write_report(out_dir: Path, inputs: ReportInputs, thumb: int = 48) -> Path:
     data = json.dumps(content, separators=(",", ":")).replace("</", "<\\/")
     page = PAGE.format(title=html.escape(inputs.title), css=asset("report.css"), js=asset("report.js"),
                        data=data, thumb=thumb)
-    target = out_dir / "report.html"
-    partial = target.with_name(".report.html.part")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(target)
-    return target
+    return write_text(out_dir / "report.html", page)

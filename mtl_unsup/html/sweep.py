@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_unsup.atomic import write_text
+
 STYLE = """body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; }
 table { border-collapse: collapse; margin: 8px 0 24px; } th, td { border: 1px solid #ddd; padding: 2px 8px; }
 th { background: #f0f0f0; font-weight: 500; } .plots { display: flex; flex-wrap: wrap; gap: 16px; }
@@ -103,8 +105,4 @@ def write_sweep_report(sweep_dir: Path, jobs: Sequence[Any], keys: Sequence[str]
             f"<h1>Sweep {html.escape(str(sweep_dir))}</h1><p>{len(jobs)} jobs; swept: "
             f"{html.escape(', '.join(keys) or 'nothing')}.</p>{''.join(sections)}<h2>Results</h2>"
             f"{table_html(rows, columns)}<h2>Jobs</h2>{job_list(sweep_dir, jobs)}</body></html>\n")
-    target = sweep_dir / "report.html"
-    partial = sweep_dir / ".report.html.part"
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(target)
-    return target
+    return write_text(sweep_dir / "report.html", page)
