@@ -247,8 +247,10 @@ def build_trainer(cfg: DictConfig, ckpt_dir: Path | None = None, history_dir: Pa
     history into ``history_dir`` (by default the run directory's)."""
     callbacks, checkpoint = build_callbacks(cfg, ckpt_dir, refresh)
     callbacks += [EpochHistory(history_dir or cfg.paths.output_dir), *build_extra_callbacks(cfg)]
-    if cfg.get("pictures_every_n_epochs"):
-        callbacks.append(PicturesEveryNEpochs(cfg.pictures_every_n_epochs, Path(cfg.paths.output_dir), cfg))
+    if cfg.get("pictures_every_n_epochs"):  # a stage's (history_dir: <run>/<stage>) are named after it
+        tag = Path(history_dir).name if history_dir is not None else ""
+        out_dir = Path(cfg.paths.output_dir)
+        callbacks.append(PicturesEveryNEpochs(cfg.pictures_every_n_epochs, out_dir, cfg, tag))
     logger = build_loggers(cfg)
     extra = {}
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()

@@ -41,7 +41,8 @@ def viewable(paths: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
 
 
 def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: EmbeddingFileDataModule,
-                          pictures: bool, report: bool = False, seed: int = 0) -> Path:
+                          pictures: bool, report: bool = False, seed: int = 0,
+                          history: Path | None = None) -> Path:
     """``predictions.csv`` for every row and, with ``pictures`` and ``report``, the held-out split's
     pictures and ``report.html`` (thumbnails when the rows' paths are images readable here)."""
     preds: dict[str, Predictions] = {
@@ -66,9 +67,9 @@ def write_row_predictions(out_dir: Path, module: MultiTaskModule, datamodule: Em
     paths = viewable(part.paths) if pictures or report else None
     if pictures:
         save_pictures(out_dir / "pictures", paths, p.clusters, p.confidence, p.features,
-                      labels, part.classes, out_dir / HISTORY, sample=sample)
+                      labels, part.classes, history or out_dir / HISTORY, sample=sample)
     if report:
         write_report(out_dir, ReportInputs(
             out_dir.name, "training", p.clusters, p.confidence, paths, labels, part.classes, sample,
-            answer=module.explain_answer(), split=split, **run_files(out_dir)))
+            answer=module.explain_answer(), split=split, k=module.k, **run_files(out_dir, history)))
     return path

@@ -50,29 +50,39 @@ def drawn_pictures(folder: Path) -> dict[str, Path]:
 
 class PicturesEveryNEpochs(L.Callback):
     """Every ``every_n_epochs`` epochs: the cluster grid and the confusion of the held-out split
-    under the current model, into ``<out_dir>/pictures/epochs/`` and every logger (rank 0)."""
+    under the current model, into ``<out_dir>/pictures/epochs/`` and every logger (rank 0). In a
+    run of stages ``tag`` (the stage) prefixes the files and the loggers' names. It draws from no
+    random stream the training reads (a rank apart from the others would change the run)."""
 
-    def __init__(self, every_n_epochs: int, out_dir: Path, cfg: Any) -> None:
+    def __init__(self, every_n_epochs: int, out_dir: Path, cfg: Any, tag: str = "") -> None:
         self.every_n_epochs, self.out_dir, self.cfg = every_n_epochs, Path(out_dir), cfg
+        self.tag = tag
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs or not trainer.is_global_zero or trainer.sanity_checking:
             return
+        import torch
+
+        from mtl_unsup.data.datamodule import ImageFolderDataModule
         from mtl_unsup.inference import predict_images
         from mtl_unsup.visualize import cluster_grid, hungarian_confusion
 
         datamodule = trainer.datamodule
-        if not hasattr(datamodule, "splits") or (module.cluster_state is None and module.answer() is None):
-            return  # rows of features (no images to show), or no clustering yet (a warm-up)
+        if not isinstance(datamodule, ImageFolderDataModule) or (module.cluster_state is None
+                                                                 and module.answer() is None):
+            return  # rows of features (no images to read), or no clustering yet (a warm-up)
         images = datamodule.splits[datamodule.eval_splits()[0]]
-        preds = predict_images(module, self.cfg, images, datamodule.eval_batch_size, progress=False,
-                               device=module.device)
-        folder = self.out_dir / "pictures" / "epochs"
+        devices = [module.device] if module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # the loader draws a seed: not from training's
+            preds = predict_images(module, self.cfg, images, datamodule.eval_batch_size, progress=False,
+                                   device=module.device)
+        folder, prefix = self.out_dir / "pictures" / "epochs", f"{self.tag}_" if self.tag else ""
+        name = f"{prefix}epoch{epoch:03d}"
         drawn = {"cluster_grid": cluster_grid(images.paths, preds.clusters, preds.confidence,
-                                              folder / f"epoch{epoch:03d}_cluster_grid.png")}
+                                              folder / f"{name}_cluster_grid.png")}
         if images.has_labels:
             labels = np.asarray(images.labels)
             drawn["confusion"] = hungarian_confusion(preds.clusters, labels, images.classes,
-                                                     folder / f"epoch{epoch:03d}_confusion.png")
-        log_pictures(trainer.loggers, drawn, trainer.global_step)
+                                                     folder / f"{name}_confusion.png")
+        log_pictures(trainer.loggers, {f"{prefix}{k}": v for k, v in drawn.items()}, trainer.global_step)

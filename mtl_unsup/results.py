@@ -74,7 +74,7 @@ def draw_pictures(out_dir: Path, module: MultiTaskModule, cfg: DictConfig,
     if cfg.report:
         write_report(out_dir, ReportInputs(
             out_dir.name, "training", preds.clusters, preds.confidence, images.paths, labels, images.classes,
-            sample, answer=module.explain_answer(), split=split, **run_files(out_dir, history)))
+            sample, answer=module.explain_answer(), split=split, k=module.k, **run_files(out_dir, history)))
 
 
 def write_k_selection(out_dir: Path, module: MultiTaskModule, cfg: DictConfig) -> None:
@@ -98,7 +98,8 @@ def write_results(run: Run, cfg: DictConfig, out_dir: Path, metrics: dict[str, f
     if module.auto_k:
         write_k_selection(out_dir, module, cfg)
     if isinstance(datamodule, EmbeddingFileDataModule):  # every row's cluster, as mtl-predict's
-        predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures, cfg.report, cfg.seed)
+        predictions = write_row_predictions(out_dir, module, datamodule, cfg.pictures, cfg.report, cfg.seed,
+                                            history)
     elif cfg.pictures or cfg.report:
         draw_pictures(out_dir, module, cfg, datamodule, history)
     if cfg.pictures:  # TensorBoard, W&B and MLflow get them too

@@ -73,7 +73,8 @@ def enter_stage(stage: Stage, module: MultiTaskModule, datamodule, seed: int, fr
     so the targets its policy makes at its start are due at its first epoch."""
     cfg = stage.cfg
     module.enter_stage(stage.index, stage.weights, stage.settings, instantiate(cfg.optimizer),
-                       instantiate(cfg.scheduler) if cfg.scheduler else None, stage.backbone_lr)
+                       instantiate(cfg.scheduler) if cfg.scheduler else None, stage.backbone_lr,
+                       stage.refresh)
     datamodule.batch_size = int(cfg.data.batch_size)
     datamodule.shuffle_seed = seed + 1000 * stage.index  # each stage its own order of batches
     for name in stage.weights:
@@ -167,7 +168,8 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")
         inside = False
         write_progress(out_dir, done, time.monotonic() - started)
-        finish_loggers(trainer)
+        if stage is not last:  # the last stage's loggers still get the final pictures
+            finish_loggers(trainer)
     if run.trainer is None:  # every stage was done (killed before metrics.json): write it now
         if (out_dir / "metrics.json").exists():
             raise ConfigValueError(f"Every stage of the run in {out_dir} is done; its results are in "
@@ -180,4 +182,5 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     write_results(run, last.cfg, out_dir, dict(sorted(metrics.items())),
                   out_dir / "checkpoints" / last.name / "last.ckpt", out_dir / last.name / HISTORY,
                   stage_table(plan, done))
+    finish_loggers(run.trainer)
     return metrics

@@ -183,7 +183,8 @@ def test_a_skipped_method_keeps_its_row_measured_with_the_same_budget(split_dir,
     earlier = [("lightly", peers.Row("lightly-train SimCLR", 0.5, 0.4, 90.0, "n", ["lightly cmd"])),
                ("ours", peers.Row("ours", 0.6, 0.5, 60.0, "m", ["ours cmd"]))]
     (tmp_path / "bench").mkdir()
-    peers.write_rows(peers.rows_file(tmp_path / "bench", split), earlier, 2, "abc1234", when)
+    settings = {"minutes": 2, "seed": 0, "threads": 1, "k": 3, "image_size": 16, "ours": peers.DEFAULT_OURS}
+    peers.write_rows(peers.rows_file(tmp_path / "bench", split), earlier, settings, "abc1234", when)
     peers.main(["--data", str(split_dir), "--minutes", "2", "--skip", "lightly,ours", "--threads", "1",
                 "--out", "bench"])
     text = (tmp_path / "bench" / "shapes-split.md").read_text()

@@ -215,11 +215,11 @@ def test_a_scan_head_that_collapsed_is_no_answer_one_that_differs_from_kmeans_is
         task.heads[0].weight.zero_()
         task.heads[0].bias.zero_()
         task.heads[0].weight[0, 0], task.heads[0].weight[1, 1] = 10.0, 10.0
-    assert task.finish(ctx) is None
+    assert task.finish(ctx, None) is None
     with torch.no_grad():
         task.heads[0].weight.zero_()
         task.heads[0].bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # one cluster for every image
-    state, why = task.finish(ctx)
+    state, why = task.finish(ctx, None)
     assert not state["usable"] and "collapsed" in why and "1 of 3 clusters in use" in why
 
 

@@ -64,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtl_unsup.atomic import write_text
 from mtl_unsup.stages import max_time_string
 
 # The training overrides of the "ours" row: SCAN's protocol as stages, sized for CPUs.
@@ -522,22 +523,32 @@ def rows_file(out: Path, split: Split) -> Path:
     return out / f"{split.name}.json"
 
 
-def kept_rows(path: Path, method: str, minutes: float) -> list[Row]:
-    """The rows ``method`` gave in the report at ``path`` if it was measured with the same budget."""
-    if not path.exists():
+def settings_of(args: argparse.Namespace, k: int, size: int) -> dict:
+    """What makes two measurements comparable (the recipe of ours only matters for our row)."""
+    return {"minutes": args.minutes, "seed": args.seed, "threads": args.threads, "k": k, "image_size": size,
+            "ours": args.ours}
+
+
+def kept_rows(path: Path, method: str, settings: dict) -> list[Row]:
+    """The rows ``method`` gave in the report at ``path`` if they were measured with the same
+    settings (a file that does not record one is taken to have used the same)."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:  # a broken file keeps nothing, and is written anew
         return []
-    data = json.loads(path.read_text())
-    if data.get("minutes") != minutes:
+    then = {"minutes": data.get("minutes"), **data.get("settings", {})}
+    keys = [key for key in settings if key in then and (key != "ours" or method == "ours")]
+    if not data or any(then[key] != settings[key] for key in keys):
         return []
     return [Row(**r) for r in data["rows"] if r.pop("source", None) == method and r["acc"] is not None]
 
 
-def write_rows(path: Path, rows: Sequence[tuple[str, Row]], minutes: float, commit: str,
+def write_rows(path: Path, rows: Sequence[tuple[str, Row]], settings: dict, commit: str,
                when: datetime) -> None:
     stamp = f"{when:%Y-%m-%d %H:%M} UTC at commit {commit}"
-    data = {"minutes": minutes, "rows": [{**asdict(r), "measured": r.measured or stamp, "source": method}
-                                         for method, r in rows]}
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    data = {"minutes": settings["minutes"], "settings": settings,
+            "rows": [{**asdict(r), "measured": r.measured or stamp, "source": method} for method, r in rows]}
+    write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------- main
@@ -578,7 +589,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     print(f"{split.name}: {split.n_train} training, {split.n_test} held-out images, k={k}, "
           f"{budget_s} s each; runs in {run_dir}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    earlier = {m: kept_rows(rows_file(args.out, split), m, args.minutes) for m in args.skip}
+    settings = settings_of(args, k, size)
+    earlier = {m: kept_rows(rows_file(args.out, split), m, settings) for m in args.skip}
     rows: list[Row] = []
     sources: list[str] = []
     for method in METHODS:
@@ -595,7 +607,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
         print("\n".join(table(rows[before:])[2:]), flush=True)
     path = args.out / f"{split.name}.md"
     path.write_text(report(split, rows, args.minutes, k, args.threads, argv, commit, when))
-    write_rows(rows_file(args.out, split), list(zip(sources, rows, strict=True)), args.minutes, commit, when)
+    write_rows(rows_file(args.out, split), list(zip(sources, rows, strict=True)), settings, commit, when)
     return path
 
 

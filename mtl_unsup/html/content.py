@@ -37,6 +37,7 @@ class ReportInputs:
     k_selection: Mapping[int, float] = field(default_factory=dict)
     k_criterion: str = ""
     split: str = "test"
+    k: int | None = None  # the model's number of clusters (None: the largest cluster id + 1)
 
     @property
     def has_labels(self) -> bool:
@@ -81,7 +82,7 @@ def cluster_entries(inputs: ReportInputs, order: np.ndarray, k: int) -> list[dic
 def report_content(inputs: ReportInputs, sprites: dict | None) -> dict[str, Any]:
     """The page's data. ``sprites``: where each image's thumbnail is (see :mod:`.thumbs`)."""
     clusters = inputs.clusters.astype(np.int64)
-    k = int(clusters.max()) + 1 if len(clusters) else 0
+    k = max(inputs.k or 0, int(clusters.max()) + 1 if len(clusters) else 0)  # empty clusters shown too
     order = display_order(clusters, inputs.confidence)
     content: dict[str, Any] = {
         "title": inputs.title, "kind": inputs.kind, "split": inputs.split, "k": k, "n": len(clusters),

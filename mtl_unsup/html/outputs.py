@@ -27,4 +27,4 @@ def write_prediction_report(out_dir: Path, kind: str, module: Any, train_cfg: Di
     return write_report(out_dir, ReportInputs(
         f"{kind}: {out_dir.name}", kind, preds.clusters, preds.confidence, paths, labels, classes, sample,
         metrics=numbers, answer=module.explain_answer(), config=OmegaConf.to_yaml(train_cfg),
-        split=kind))
+        split=kind, k=module.k))

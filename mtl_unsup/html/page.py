@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from mtl_unsup.atomic import write_text
 from mtl_unsup.html.content import ReportInputs, display_order, report_content
@@ -39,6 +41,17 @@ file.</noscript></main>
 """
 
 
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite number replaced by None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
 def asset(name: str) -> str:
     return (files("mtl_unsup.html") / "assets" / name).read_text(encoding="utf-8")
 
@@ -52,7 +65,9 @@ def write_report(out_dir: Path, inputs: ReportInputs, thumb: int = 48) -> Path:
         order = display_order(inputs.clusters, inputs.confidence)
         sprites = write_sprites(inputs.paths, order, out_dir, size=thumb).as_json()
     content = report_content(inputs, sprites)
-    data = json.dumps(content, separators=(",", ":")).replace("</", "<\\/")
+    # no NaN (JSON.parse would refuse the whole page) and no "<" (the page's HTML parser would
+    # read a file name such as "<!--<script" as markup)
+    data = json.dumps(finite(content), separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     page = PAGE.format(title=html.escape(inputs.title), css=asset("report.css"), js=asset("report.js"),
                        data=data, thumb=thumb)
     return write_text(out_dir / "report.html", page)

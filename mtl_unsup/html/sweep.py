@@ -11,6 +11,7 @@ import math
 import os
 import re
 import statistics
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,10 @@ def table_html(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
 def job_list(sweep_dir: Path, jobs: Sequence[Any]) -> str:
     items = []
     for job in jobs:
-        name = html.escape(os.path.relpath(job.path, sweep_dir))
+        relative = os.path.relpath(job.path, sweep_dir)
+        name, href = html.escape(relative), html.escape(urllib.parse.quote(f"{relative}/report.html"))
         settings = html.escape(" ".join(f"{k}={v}" for k, v in job.overrides.items()))
-        link = f'<a href="{name}/report.html">{name}</a>' if (job.path / "report.html").is_file() else name
+        link = f'<a href="{href}">{name}</a>' if (job.path / "report.html").is_file() else name
         failed = ' <span class="failed">no metrics.json (failed or unfinished)</span>'
         status = "" if job.metrics is not None else failed
         items.append(f"<li>{link}: {settings}{status}</li>")

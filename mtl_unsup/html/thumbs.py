@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mtl_unsup.atomic import write_text, write_with
 from mtl_unsup.data.images import load_image
 
 SHEET_NAME = "sheet-{:04d}.jpg"
@@ -82,6 +83,7 @@ def write_sprites(paths: Sequence[Path | str], order: np.ndarray, page_dir: Path
             and all((out / SHEET_NAME.format(s)).is_file() for s in range(sheets)):
         return sprites
     out.mkdir(parents=True, exist_ok=True)
+    manifest.unlink(missing_ok=True)  # sheets being rewritten match no list until all are written
     rows = int(math.ceil(per_sheet / columns))
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for s in range(sheets):
@@ -90,9 +92,6 @@ def write_sprites(paths: Sequence[Path | str], order: np.ndarray, page_dir: Path
             sheet = Image.new("RGB", (columns * size, min(rows, used_rows) * size), BACKGROUND)
             for cell, thumb in enumerate(pool.map(lambda i: thumbnail(paths[i], size), members.tolist())):
                 sheet.paste(thumb, ((cell % columns) * size, (cell // columns) * size))
-            target = out / SHEET_NAME.format(s)
-            partial = target.with_suffix(".part")
-            sheet.save(partial, format="JPEG", quality=85)
-            partial.replace(target)  # a reader never sees half a sheet
-    manifest.write_text(json.dumps({"identity": key, "images": len(paths), "sheets": sheets}) + "\n")
+            write_with(out / SHEET_NAME.format(s), lambda p: sheet.save(p, format="JPEG", quality=85))
+    write_text(manifest, json.dumps({"identity": key, "images": len(paths), "sheets": sheets}) + "\n")
     return sprites

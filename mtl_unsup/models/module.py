@@ -13,7 +13,7 @@ from torch import nn
 import mtl_unsup
 from mtl_unsup.clustering.bank import FeatureBank
 from mtl_unsup.clustering.kmeans import ClusterState, cluster_features
-from mtl_unsup.clustering.targets import Targets
+from mtl_unsup.clustering.targets import Targets, is_provider
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.errors import CheckpointError, NonFiniteLossError
 from mtl_unsup.models.evaluation import SplitRecorder, score_split
@@ -84,11 +84,16 @@ class MultiTaskModule(L.LightningModule):
         # The stage being trained (see enter_stage): its index seeds its steps apart from the
         # other stages'; its task weights replace the tasks' own (None: every task at its own).
         self.stage_index, self.stage_weights, self.backbone_lr = 0, None, 1.0
+        self.refresh_policy = "every"  # a stage's: once / never keep a k-means the backbone outgrows
         self._stage_frozen = False  # the backbone frozen by a stage (backbone_lr=0), not by config
         self.view_counts = self._view_counts()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-        for task in self.tasks.values():
+        for name, task in self.tasks.items():
+            if task.refreshes and not is_provider(task):
+                raise ConfigValueError(f"task.{name} ({type(task).__name__}) makes dataset-level targets "
+                                       "(refreshes=True) but is no TargetProvider: subclass "
+                                       "mtl_unsup.clustering.targets.TargetProvider too.")
             task.build(backbone.feature_dim, num_clusters)
         for name, task in self.tasks.items():
             try:
@@ -133,17 +138,18 @@ class MultiTaskModule(L.LightningModule):
 
     def enter_stage(self, index: int, weights: Mapping[str, float],
                     settings: Mapping[str, Mapping[str, Any]], optimizer: Callable[..., Any],
-                    scheduler: Callable[..., Any] | None, backbone_lr: float = 1.0) -> None:
+                    scheduler: Callable[..., Any] | None, backbone_lr: float = 1.0,
+                    refresh: str = "every") -> None:
         """Train as stage ``index`` from now on: only the tasks in ``weights``, at those weights,
         with ``settings`` (view, start epoch, ...; checked by the caller) set on them, under their
         own optimiser and scheduler; the backbone at ``backbone_lr`` times the learning rate (0:
-        frozen)."""
+        frozen); ``refresh``: the stage's policy for its targets (see ``PseudoLabelCallback``)."""
         for name, values in settings.items():
             for key, value in values.items():
                 setattr(self.tasks[name], key, int(value) if key == "start_epoch" else value)
         self.stage_index, self.stage_weights = index, dict(weights)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.backbone_lr = float(backbone_lr)
+        self.backbone_lr, self.refresh_policy = float(backbone_lr), refresh
         if not getattr(self.backbone, "frozen", False) or self._stage_frozen:
             self._stage_frozen = self.backbone_lr == 0  # frozen for this stage only
             self.backbone.frozen = self._stage_frozen
@@ -413,8 +419,12 @@ class MultiTaskModule(L.LightningModule):
     def _kmeans_from_state(self) -> bool:
         """The split's images go to the training clustering's centroids (the last refresh's during
         fit, the final one when testing), so ``val/kmeans_acc`` means one computation in the curves
-        and in ``metrics.json``; before the first clustering, k-means is fitted on the split."""
-        return self.cluster_state is not None
+        and in ``metrics.json``. k-means is fitted on the split instead before the first clustering,
+        and in a stage that keeps a clustering while its backbone trains on (refresh ``once`` or
+        ``never``: the centroids describe features the backbone has left)."""
+        if self.cluster_state is None:
+            return False
+        return self.trainer.testing or self.refresh_policy == "every" or self.features_fixed
 
     def _fit_kmeans(self, features: torch.Tensor) -> torch.Tensor:
         """k-means of the current validation features."""

@@ -23,11 +23,15 @@
     for (var a = 2; a < arguments.length; a++) if (arguments[a]) node.appendChild(arguments[a]);
     return node;
   }
-  function fmt(v) { return typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(4)) : String(v); }
+  function fmt(v) {
+    if (v === null) return "-";
+    return typeof v === "number" ? (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(4)) : String(v);
+  }
+  function fmtConfidence(v) { return v === null ? "-" : v.toFixed(3); }
   function className(y) { return y < 0 ? "unknown" : (data.classes[y] || String(y)); }
   function describe(i) {
     var parts = [data.names ? data.names[i] : "row " + i, "cluster " + clusterOf[i],
-      "confidence " + data.confidence[i].toFixed(3)];
+      "confidence " + fmtConfidence(data.confidence[i])];
     if (data.labels) parts.push("class " + className(data.labels[i]));
     return parts.join(" · ");
   }
@@ -83,7 +87,7 @@
     head.firstChild.style.background = colour(data.colour[c.id]);
     head.appendChild(document.createTextNode("Cluster " + c.id + " · " + c.size + " images"));
     var section = el("section", {"class": "cluster", id: "cluster-" + c.id}, head);
-    var facts = c.size ? "mean confidence " + c.mean_confidence.toFixed(3) : "empty";
+    var facts = c.size ? "mean confidence " + fmtConfidence(c.mean_confidence) : "empty";
     if (c.majority !== undefined) facts += " · mostly " + className(c.majority) + " (purity " + c.purity.toFixed(3) + ")";
     section.appendChild(el("p", {"class": "facts", text: facts}));
     if (!c.size) return section;
@@ -179,7 +183,11 @@
 
   function chart(title, series, xLabel) {
     var w = 520, h = 260, l = 48, r = 12, t = 24, b = 32, ns = "http://www.w3.org/2000/svg";
+    series = Object.fromEntries(Object.entries(series).map(function (e) {
+      return [e[0], e[1].filter(function (p) { return p[1] !== null; })];  // a NaN came as null
+    }).filter(function (e) { return e[1].length; }));
     var names = Object.keys(series), xs = [], ys = [];
+    if (!names.length) return el("p", {text: title + ": no finite values"});
     names.forEach(function (n) { series[n].forEach(function (p) { xs.push(p[0]); ys.push(p[1]); }); });
     var x0 = Math.min.apply(null, xs), x1 = Math.max.apply(null, xs), y0 = Math.min.apply(null, ys), y1 = Math.max.apply(null, ys);
     if (x1 === x0) x1 = x0 + 1;
