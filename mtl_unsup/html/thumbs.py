@@ -10,6 +10,7 @@ second report of the same images reuse them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,6 +93,6 @@ def write_sprites(paths: Sequence[Path | str], order: np.ndarray, page_dir: Path
             sheet = Image.new("RGB", (columns * size, min(rows, used_rows) * size), BACKGROUND)
             for cell, thumb in enumerate(pool.map(lambda i: thumbnail(paths[i], size), members.tolist())):
                 sheet.paste(thumb, ((cell % columns) * size, (cell // columns) * size))
-            write_with(out / SHEET_NAME.format(s), lambda p: sheet.save(p, format="JPEG", quality=85))
+            write_with(out / SHEET_NAME.format(s), functools.partial(sheet.save, format="JPEG", quality=85))
     write_text(manifest, json.dumps({"identity": key, "images": len(paths), "sheets": sheets}) + "\n")
     return sprites
