@@ -129,3 +129,21 @@ def test_predict_and_evaluate_write_their_report(trained_run, tmp_path):
     predict(cfg)
     data = page_data(tmp_path / "pr" / "report.html")
     assert data["kind"] == "predict" and data["n"] == 9 and data["labels"] is None and data["sprites"]
+
+
+def test_a_hostile_name_or_a_nan_cannot_break_the_page(tmp_path):
+    from mtl_unsup.html import write_report
+
+    clusters, confidence = np.array([0, 1, 1]), np.array([0.9, float("nan"), 0.5])
+    inputs = ReportInputs("t", "predict", clusters, confidence, labels=np.array([0, 1, 1]),
+                          classes=["<!--<script", "b"], metrics={"x": float("inf")}, k=4)
+    page = write_report(tmp_path, inputs)
+    raw = page.read_text()
+    embedded = re.search(r'id="report-data">(.*?)</script>', raw, re.S).group(1)
+    assert "<!--<script" not in raw and "NaN" not in embedded and "Infinity" not in embedded
+    data = page_data(page)
+    assert data["classes"][0] == "<!--<script" and data["metrics"]["x"] is None
+    assert data["confidence"][1] is None
+    assert data["k"] == 4 and [c["size"] for c in data["clusters"]] == [1, 2, 0, 0]  # empty clusters shown
+    if find_browser() is not None:
+        assert rendered_state(page).get("data-errors") == "0"
