@@ -44,7 +44,7 @@ def test_every_logger_writes_and_the_curves_need_none(shapes, tmp_path):
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent),
                               size_guidance={"images": 0})
     images = events.Reload().Tags()["images"]
-    assert {"pictures/cluster_grid", "pictures/confusion", "pictures/embedding"} <= set(images)
+    assert {"pictures/cluster_grid", "pictures/confusion", "pictures/training_curves"} <= set(images)
     assert len(events.Images("pictures/cluster_grid")) == 3  # epochs 0 and 1, then the end
     assert len(list((out / "wandb").rglob("media/images/pictures/cluster_grid_*.png"))) == 3
     logged = {p.name for p in (out / "mlflow-artifacts").rglob("*.png")}

@@ -76,7 +76,8 @@ def test_sprite_sheets_are_written_once(tmp_path):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("report")
-    overrides = [*tiny_folder_overrides(write_shapes(base / "shapes", per_class=12)), "report=true"]
+    # enough held-out images for the t-SNE (10 or more)
+    overrides = [*tiny_folder_overrides(write_shapes(base / "shapes", per_class=40)), "report=true"]
     train(compose_cfg(base / "run", overrides))
     return base / "run"
 

@@ -99,7 +99,7 @@ def test_a_signal_saves_a_checkpoint_names_the_resume_command_and_exits_non_zero
 def test_a_requeued_slurm_job_continues_its_own_unfinished_run(tmp_path, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     own = tmp_path / "checkpoints" / "last.ckpt"
-    own.write_bytes(b"x")
+    torch.save({"global_step": 3}, own)  # a whole checkpoint (a damaged one falls back, or stops)
     other = tmp_path / "other.ckpt"
     other.write_bytes(b"x")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)

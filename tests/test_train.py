@@ -39,8 +39,9 @@ def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
     scores = score_clustering(torch.from_numpy(preds.clusters), torch.tensor(test.labels))
     assert scores["acc"] == pytest.approx(saved["test/acc"])
     assert module.training  # predict_images restored the mode it was given
-    # the default keeps last.ckpt only: no checkpoint is chosen, least of all with labels
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
+    # the default keeps last.ckpt (and the one it replaced, the fallback of a resume) only: no
+    # checkpoint is chosen, least of all with labels
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "last.ckpt.prev"]
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     for name in ("cluster_grid", "confusion", "embedding", "training_curves"):
         with Image.open(tmp_path / "pictures" / f"{name}.png") as picture:
