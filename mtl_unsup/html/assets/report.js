@@ -67,13 +67,36 @@
 
   function summary() {
     var section = el("section", {id: "summary"}, el("h2", {text: "Summary"}));
-    var table = el("table", {"class": "metrics"});
-    Object.keys(data.metrics).sort().forEach(function (key) {
-      table.appendChild(el("tr", {}, el("th", {text: key}), el("td", {text: fmt(data.metrics[key])})));
-    });
     section.appendChild(el("p", {text: data.n + " images of the " + data.split + " split in " + data.k +
       " clusters. " + data.answer}));
-    if (Object.keys(data.metrics).length) section.appendChild(table);
+    // split x metric for the run's own figures ("test/acc"); every figure in a list below
+    var splits = [], names = [], rest = el("table", {"class": "metrics"});
+    Object.keys(data.metrics).sort().forEach(function (key) {
+      var parts = key.split("/");
+      if (parts.length === 2) {
+        if (splits.indexOf(parts[0]) < 0) splits.push(parts[0]);
+        if (names.indexOf(parts[1]) < 0) names.push(parts[1]);
+      }
+      rest.appendChild(el("tr", {}, el("th", {text: key}), el("td", {text: fmt(data.metrics[key])})));
+    });
+    if (splits.length) {
+      var grid = el("table", {"class": "grid"}), head = el("tr", {}, el("th", {text: "split"}));
+      names.forEach(function (n) { head.appendChild(el("th", {text: n})); });
+      grid.appendChild(head);
+      splits.forEach(function (sp) {
+        var tr = el("tr", {}, el("th", {text: sp}));
+        names.forEach(function (n) {
+          var v = data.metrics[sp + "/" + n];
+          tr.appendChild(el("td", {text: v === undefined ? "" : fmt(v)}));
+        });
+        grid.appendChild(tr);
+      });
+      section.appendChild(grid);
+    }
+    if (Object.keys(data.metrics).length) {
+      section.appendChild(el("details", {}, el("summary", {text: "every figure (" +
+        Object.keys(data.metrics).length + ")"}), rest));
+    }
     if (data.config) section.appendChild(el("details", {}, el("summary", {text: "config"}), el("pre", {text: data.config})));
     if (Object.keys(data.run_info).length) {
       section.appendChild(el("details", {}, el("summary", {text: "run info"}),
@@ -252,11 +275,4 @@
   document.body.setAttribute("data-errors", String(errors));
   document.body.setAttribute("data-clusters", String(document.querySelectorAll("section.cluster").length));
   document.body.setAttribute("data-rendered", "1");
-  // what the page fetched (thumbnail sheets), for a reader measuring how heavy it is
-  function countFetched() {
-    var sheets = performance.getEntriesByType("resource").filter(function (r) { return /sheet-\d+\.jpg/.test(r.name); });
-    document.body.setAttribute("data-sheets-fetched", String(sheets.length));
-  }
-  window.addEventListener("load", countFetched);
-  setTimeout(countFetched, 3000);
 })();
