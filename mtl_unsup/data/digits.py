@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mtl_unsup.errors import UserError
+from mtl_unsup.run_lock import entry_lock
 
 NUM_DIGITS = 1797
 
@@ -25,10 +26,21 @@ def write_digits_folder(root: str | Path) -> Path:
     The folder is built beside ``root`` and renamed into place, so a crash half way never leaves
     a partial folder that later runs would trust.
     """
+    root = Path(root).expanduser()
+    if complete(root):
+        return root
+    with entry_lock(root):  # parallel jobs sharing the cache: the first writes, the others wait
+        return _write_digits_folder(root)
+
+
+def complete(root: Path) -> bool:
+    return root.is_dir() and sum(1 for _ in root.glob("*/*.png")) == NUM_DIGITS
+
+
+def _write_digits_folder(root: Path) -> Path:
     from sklearn.datasets import load_digits
 
-    root = Path(root).expanduser()
-    if root.is_dir() and sum(1 for _ in root.glob("*/*.png")) == NUM_DIGITS:
+    if complete(root):  # written by another job while this one waited
         return root
     if root.exists() and any(root.iterdir()):
         raise ForeignFolderError(
