@@ -126,3 +126,15 @@ def test_damaged_checkpoints_are_named_and_resuming_falls_back_to_the_one_before
     previous_of(last).write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"last.ckpt is corrupt .* \(last.ckpt.prev\) is empty"):
         usable_checkpoint(last)
+
+
+def test_jobs_sharing_a_fresh_cache_write_the_digits_once(tmp_path):
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from mtl_unsup.data.digits import write_digits_folder; "
+            f"write_digits_folder({str(tmp_path / 'digits')!r})")
+    command = [sys.executable, "-c", code]
+    jobs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [job.communicate(timeout=120)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], errors
+    assert len(list((tmp_path / "digits").glob("*/*.png"))) == 1797
+    assert not list(tmp_path.glob(".digits-*"))  # no half-written folder left
