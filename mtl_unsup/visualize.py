@@ -41,15 +41,12 @@ def cluster_grid(paths: Sequence[Path], clusters: np.ndarray, confidence: np.nda
 def hungarian_confusion(clusters: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
                         out: Path) -> Path:
     """Class-by-cluster counts, clusters reordered by their Hungarian match to the classes."""
-    from scipy.optimize import linear_sum_assignment
+    from mtl_unsup.html.content import matching
 
     keep = labels >= 0
-    clusters, labels = clusters[keep], labels[keep]
-    k, n = int(clusters.max()) + 1, max(int(labels.max()) + 1, len(class_names))
-    counts = np.zeros((n, k), dtype=np.int64)
-    np.add.at(counts, (labels, clusters), 1)
-    rows, cols = linear_sum_assignment(-counts)
-    order = list(cols[np.argsort(rows)]) + [c for c in range(k) if c not in cols]
+    k, n = int(clusters[keep].max()) + 1, max(int(labels[keep].max()) + 1, len(class_names))
+    counts, match = matching(clusters, labels, k, n)
+    order = sorted(match, key=match.get) + [c for c in range(k) if c not in match]
     counts = counts[:, order]
     fig, ax = plt.subplots(figsize=(1 + 0.5 * k, 1 + 0.5 * n))
     ax.imshow(counts, cmap="Blues")
@@ -110,16 +107,9 @@ def embedding_2d(features: np.ndarray, clusters: np.ndarray, labels: np.ndarray 
 def training_curves(history: Path, out: Path) -> Path:
     """Per-task losses and clustering quality (ACC/NMI) over epochs, from ``epochs.jsonl`` (see
     :mod:`mtl_unsup.history`)."""
-    from mtl_unsup.history import read_history
+    from mtl_unsup.html.run_files import curves
 
-    series: dict[str, dict[int, float]] = {}
-    for row in read_history(history):
-        epoch = int(row["epoch"])
-        for key, value in row.items():
-            if key.startswith("train/loss") or key in (
-                    "cluster/train_acc", "cluster/train_nmi", "val/acc", "val/nmi", "val/kmeans_acc",
-                    "val/silhouette"):
-                series.setdefault(key, {})[epoch] = float(value)
+    series = {key: dict(points) for key, points in curves(history).items()}  # as the report draws them
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, points in sorted(series.items()):
         ax = left if key.startswith("train/loss") else right
