@@ -287,8 +287,9 @@ def check_config(cfg: Any) -> None:
     if cfg.data.batch_size < 2:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (pairs, BatchNorm).")
     problems += trainer_problems(cfg.trainer)
-    from mtl_unsup.stages import stage_problems
+    from mtl_unsup.stages import drop_null_stages, stage_problems
 
+    drop_null_stages(cfg)
     problems += stage_problems(cfg)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))

@@ -14,6 +14,7 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   scheduler's ``${trainer.max_epochs}`` is the stage's epochs; ``scheduler: null``: constant).
 - ``batch_size``: of the stage's training batches (absent: ``data.batch_size``).
 - ``backbone_lr``: the backbone's learning rate as a share of the optimiser's (0 freezes it).
+- A stage set to ``null`` is left out: an experiment that extends another drops a stage so.
 - ``refresh``: when dataset-level targets are made: ``every`` ``every_n_epochs`` epochs
   (absent: ``cluster.every_n_epochs``), ``once`` at the stage's start from the features the
   previous stage left (an eval-mode pass), or ``never`` (the targets the previous stage left).
@@ -78,6 +79,15 @@ def max_time_string(seconds: float) -> str:
     """``DD:HH:MM:SS``, as Lightning's ``max_time`` takes it."""
     s = int(seconds)
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def drop_null_stages(cfg: DictConfig) -> None:
+    """Leave out the stages set to ``null`` (``stages: {selflabel: null}`` in an experiment that
+    extends another); with none left the run is one stage."""
+    stages = cfg.get("stages")
+    if isinstance(stages, DictConfig) and any(v is None for v in stages.values()):
+        with open_dict(cfg):
+            cfg.stages = {k: v for k, v in stages.items() if v is not None} or None
 
 
 def stage_problems(cfg: DictConfig) -> list[str]:

@@ -435,6 +435,8 @@ def epochs_run(run_dir: Path, metrics: dict[str, float] | None = None) -> str:
         return f"{count(run_dir / 'epochs.jsonl')} of {planned} epochs"
     parts = []
     for name, stage in cfg.stages.items():
+        if stage is None:  # left out
+            continue
         acc = (metrics or {}).get(f"{name}/test/acc", (metrics or {}).get(f"{name}/test/kmeans_acc"))
         score = f", ACC {acc:.3f}" if acc is not None else ""
         parts.append(f"{name} {count(run_dir / name / 'epochs.jsonl')} of {stage.epochs} epochs{score}")
