@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtl_unsup.benchmarks import peers
+from mtl_unsup.benchmarks import peer_lightly, peer_runs, peers
+from mtl_unsup.stages import max_time_string
 
 from .conftest import TINY, write_shapes
 
@@ -26,20 +27,20 @@ def split_dir(tmp_path: Path) -> Path:
 
 
 def test_budget_arithmetic():
-    assert peers.budget_seconds(2) == 120
-    assert peers.budget_seconds(0.001) == 1
-    assert peers.max_time_string(120) == "00:00:02:00"
-    assert peers.max_time_string(90 * 60 + 7) == "00:01:30:07"
-    assert peers.max_time_string(86400 + 61) == "01:00:01:01"
-    assert peers.steps_per_epoch(2000, 128) == 15  # the last partial batch is dropped
-    assert peers.steps_per_epoch(50, 128) == 1
+    assert peer_runs.budget_seconds(2) == 120
+    assert peer_runs.budget_seconds(0.001) == 1
+    assert max_time_string(120) == "00:00:02:00"
+    assert max_time_string(90 * 60 + 7) == "00:01:30:07"
+    assert max_time_string(86400 + 61) == "01:00:01:01"
+    assert peer_lightly.steps_per_epoch(2000, 128) == 15  # the last partial batch is dropped
+    assert peer_lightly.steps_per_epoch(50, 128) == 1
     # 15 steps of 1 s: 8 whole epochs in 2 minutes; never fewer than one
-    assert peers.estimate_epochs(120, 2000, 128, 1.0) == 8
-    assert peers.estimate_epochs(5, 2000, 128, 1.0) == 1
+    assert peer_lightly.estimate_epochs(120, 2000, 128, 1.0) == 8
+    assert peer_lightly.estimate_epochs(5, 2000, 128, 1.0) == 1
     # the probe: a tenth of the budget within 10-60 s, or two epochs and a step
-    assert peers.probe_limits(120, 2000) == {"max_time": "00:00:00:12", "max_steps": 31}
-    assert peers.probe_limits(30, 2000)["max_time"] == "00:00:00:10"
-    assert peers.probe_limits(3600, 50000)["max_time"] == "00:00:01:00"
+    assert peer_lightly.probe_limits(120, 2000) == {"max_time": "00:00:00:12", "max_steps": 31}
+    assert peer_lightly.probe_limits(30, 2000)["max_time"] == "00:00:00:10"
+    assert peer_lightly.probe_limits(3600, 50000)["max_time"] == "00:00:01:00"
 
 
 def test_probe_timing_leaves_out_the_warm_up_step(tmp_path: Path):
@@ -48,20 +49,21 @@ def test_probe_timing_leaves_out_the_warm_up_step(tmp_path: Path):
     rows += [{"train_loss": 6.0, "profiling/batch_time": b, "profiling/data_time": 0.1, "step": i}
              for i, b in enumerate([1.0, 1.2, 0.9], start=1)]
     log.write_text("\n".join(json.dumps(r) for r in rows))
-    steps = peers.read_steps(log)
+    steps = peer_lightly.read_steps(log)
     assert len(steps) == 4
-    assert peers.probe_step_seconds(steps) == pytest.approx(1.133333)  # the mean of the last three
-    assert peers.read_steps(tmp_path / "absent.jsonl") == []
+    assert peer_lightly.probe_step_seconds(steps) == pytest.approx(1.133333)  # the mean of the last three
+    assert peer_lightly.read_steps(tmp_path / "absent.jsonl") == []
 
 
 def test_split_reads_train_and_test_with_the_same_classes(split_dir: Path):
-    split = peers.find_split(split_dir)
+    split = peer_runs.find_split(split_dir)
     assert (split.n_train, split.n_test, split.classes) == (36, 18, ("class_0", "class_1", "class_2"))
-    paths, labels = peers.labelled_images(split.test, split.classes)
+    paths, labels = peer_runs.labelled_images(split.test, split.classes)
     assert len(paths) == 18 and sorted(set(labels.tolist())) == [0, 1, 2]
     assert all(p.parent.name == split.classes[y] for p, y in zip(paths, labels, strict=True))
-    assert peers.auto_image_size(split.train) == 16  # small images keep their size
-    assert peers.split_from_dict(json.loads(json.dumps(peers.split_to_dict(split)))) == split  # to the worker
+    assert peer_runs.auto_image_size(split.train) == 16  # small images keep their size
+    sent = json.loads(json.dumps(peer_runs.split_to_dict(split)))  # to the lightly worker
+    assert peer_runs.split_from_dict(sent) == split
     command = peers.ours_command(split, "experiment=cifar10 seed=3", 3, 120, 0, Path("run"))
     # fixed settings first, so --ours can override them; the budget last
     assert command.index("data.val_fraction=0") < command.index("seed=3")
@@ -96,16 +98,16 @@ def test_missing_lightly_train_is_a_skipped_row(split_dir: Path, tmp_path: Path,
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "lightly_train" else real(name, *a))
-    row = peers.lightly_row(peers.find_split(split_dir), tmp_path / "lightly", 60, 3, 16, 0, 1)
+    row = peer_lightly.lightly_row(peer_runs.find_split(split_dir), tmp_path / "lightly", 60, 3, 16, 0, 1)
     assert row.acc is None and row.minutes is None
     assert row.notes.startswith("skipped: lightly-train is not installed")
     assert not (tmp_path / "lightly").exists()  # nothing was started
 
 
 def test_report_has_the_table_commands_date_commit_and_cores(split_dir: Path):
-    split = peers.find_split(split_dir)
-    rows = [peers.Row("lightly-train SimCLR", notes="skipped: lightly-train is not installed"),
-            peers.Row("ours", 0.5, 0.25, 2.04, "a | b", ["python -m mtl_unsup.train x=1"])]
+    split = peer_runs.find_split(split_dir)
+    rows = [peer_runs.Row("lightly-train SimCLR", notes="skipped: lightly-train is not installed"),
+            peer_runs.Row("ours", 0.5, 0.25, 2.04, "a | b", ["python -m mtl_unsup.train x=1"])]
     when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
     text = peers.report(split, rows, 2, 3, 2, ["--data", "d", "--minutes", "2"], "abc1234", when)
     assert "| method | held-out ACC | NMI | minutes used | notes |" in text
@@ -118,7 +120,7 @@ def test_report_has_the_table_commands_date_commit_and_cores(split_dir: Path):
 
 def test_pixel_rows_without_umap(split_dir: Path, monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)  # as if umap-learn were not installed
-    rows = peers.pixel_rows(peers.find_split(split_dir), 3, 16, 0)
+    rows = peers.pixel_rows(peer_runs.find_split(split_dir), 3, 16, 0)
     assert [r.method for r in rows] == ["k-means on pixels", "UMAP + k-means on pixels"]
     assert 0 <= rows[0].acc <= 1 and rows[0].minutes is not None
     assert rows[1].acc is None and "umap-learn is not installed" in rows[1].notes
@@ -141,11 +143,11 @@ def test_lightly_notes_say_whether_the_budget_stopped_it():
     result = {"epochs": 8, "n_train": 2000, "steps_done": 120, "step_seconds": 1.0, "probe_seconds": 20,
               "probe_steps": 31,
               "train_seconds": 130, "pretrain_args": {"transform_args": {"image_size": [32, 32]}}}
-    assert "finished its epochs after 120 of 120 steps (2.2 min" in peers.lightly_notes(result, 120)
+    assert "finished its epochs after 120 of 120 steps (2.2 min" in peer_lightly.lightly_notes(result, 120)
     result["train_seconds"] = 40
-    assert "finished its epochs early" in peers.lightly_notes(result, 120)
+    assert "finished its epochs early" in peer_lightly.lightly_notes(result, 120)
     result["steps_done"] = 97
-    notes = peers.lightly_notes(result, 120)
+    notes = peer_lightly.lightly_notes(result, 120)
     assert "stopped by max_time after 97 of 120 steps" in notes and "00:00:02:00" in notes
 
 
@@ -160,7 +162,7 @@ def test_embeddings_are_clustered_on_train_and_scored_on_test(tmp_path: Path):
     (train, train_labels), (test, test_labels) = blobs(20), blobs(10)
     np.savez(tmp_path / "e.npz", train=train, train_labels=train_labels, test=test,
              test_labels=(test_labels + 1) % 3)  # cluster ids need not match class ids
-    scores = peers.cluster_embeddings(tmp_path / "e.npz", 3, 0)
+    scores = peer_lightly.cluster_embeddings(tmp_path / "e.npz", 3, 0)
     assert scores["acc"] == pytest.approx(1.0) and scores["nmi"] == pytest.approx(1.0)
 
 
@@ -178,10 +180,10 @@ def test_a_staged_run_is_described_stage_by_stage(tmp_path):
 
 def test_a_skipped_method_keeps_its_row_measured_with_the_same_budget(split_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    split = peers.find_split(split_dir)
+    split = peer_runs.find_split(split_dir)
     when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
-    earlier = [("lightly", peers.Row("lightly-train SimCLR", 0.5, 0.4, 90.0, "n", ["lightly cmd"])),
-               ("ours", peers.Row("ours", 0.6, 0.5, 60.0, "m", ["ours cmd"]))]
+    earlier = [("lightly", peer_runs.Row("lightly-train SimCLR", 0.5, 0.4, 90.0, "n", ["lightly cmd"])),
+               ("ours", peer_runs.Row("ours", 0.6, 0.5, 60.0, "m", ["ours cmd"]))]
     (tmp_path / "bench").mkdir()
     settings = {"minutes": 2, "seed": 0, "threads": 1, "k": 3, "image_size": 16, "ours": peers.DEFAULT_OURS}
     peers.write_rows(peers.rows_file(tmp_path / "bench", split), earlier, settings, "abc1234", when)
