@@ -14,10 +14,10 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   scheduler's ``${trainer.max_epochs}`` is the stage's epochs; ``scheduler: null``: constant).
 - ``batch_size``: of the stage's training batches (absent: ``data.batch_size``).
 - ``backbone_lr``: the backbone's learning rate as a share of the optimiser's (0 freezes it).
-- A stage set to ``null`` is left out: an experiment that extends another drops a stage so.
 - ``refresh``: when dataset-level targets are made: ``every`` ``every_n_epochs`` epochs
   (absent: ``cluster.every_n_epochs``), ``once`` at the stage's start from the features the
   previous stage left (an eval-mode pass), or ``never`` (the targets the previous stage left).
+- A stage set to ``null`` is left out: an experiment that extends another drops a stage so.
 
 A run without ``stages`` is one stage, today's run. Nothing here loads torch: the plan is checked
 before any library loads.
