@@ -230,6 +230,8 @@ class TrainConfig:
     # run's checkpoint of the stage before it, ckpt_path=.../checkpoints/<stage>/last.ckpt).
     stages: Any = None
     start_stage: str | None = None
+    # the protocol file (conf/protocol/<name>.yaml) that set the stages, named in its messages
+    protocol_name: str | None = None
     # at most this many epochs in each stage (the debug presets set it; null: each its own)
     max_stage_epochs: int | None = None
 
@@ -245,6 +247,11 @@ class ConfigValueError(UserError, ValueError):
 def check_config(cfg: Any) -> None:
     """Range checks the schema's types cannot express; run before any data is read."""
     problems = []
+    from mtl_unsup.stages import drop_null_stages, protocol_problem, stage_problems
+
+    drop_null_stages(cfg)
+    if (problem := protocol_problem(cfg)) is not None:  # one message, not one per task key
+        raise ConfigValueError(problem)
     if OmegaConf.get_type(cfg.data) not in (DataConfig, EmbeddingDataConfig):
         raise ConfigValueError(
             "The data option has no schema, so its defaults and key checks are missing: start its "
@@ -287,9 +294,6 @@ def check_config(cfg: Any) -> None:
     if cfg.data.batch_size < 2:
         problems.append(f"data.batch_size={cfg.data.batch_size}: must be >= 2 (pairs, BatchNorm).")
     problems += trainer_problems(cfg.trainer)
-    from mtl_unsup.stages import drop_null_stages, stage_problems
-
-    drop_null_stages(cfg)
     problems += stage_problems(cfg)
     if problems:
         raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))

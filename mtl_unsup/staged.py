@@ -28,7 +28,14 @@ from mtl_unsup.history import HISTORY
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.results import format_table, write_results, write_run_info
 from mtl_unsup.schedule import check_schedule
-from mtl_unsup.stages import Stage, as_timedelta, max_time_string, plan_stages
+from mtl_unsup.stages import (
+    Stage,
+    as_timedelta,
+    drop_unstaged_tasks,
+    max_time_string,
+    plan_stages,
+    size_stages,
+)
 from mtl_unsup.training import adopt_checkpoint, fit_and_test
 
 PROGRESS = "stages.json"
@@ -134,8 +141,12 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     """Run every stage of ``cfg.stages`` in order, from ``ckpt_path`` (None: from scratch) into
     ``out_dir`` (both from :func:`~mtl_unsup.training.start_run`); returns the metrics written
     to ``metrics.json``."""
+    unused = drop_unstaged_tasks(cfg)
+    if unused:
+        rank_zero_info(f"tasks no stage trains, left out: {', '.join(unused)}")
     plan = plan_stages(cfg)
     datamodule, module = build_model(plan[0].cfg, staged=True)
+    size_stages(plan, cfg, datamodule.num_train)
     check_stage_settings(plan, module)
     tasks = dict(module.tasks.items())
     for stage in plan:  # the monitor must be logged by every stage, the objective at the end
@@ -163,8 +174,10 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         trainer, checkpoint = build_trainer(stage.cfg, ckpt_dir, out_dir / stage.name, stage.refresh)
         trainer.callbacks.extend(extra_callbacks)
         run = Run(datamodule, module, trainer, checkpoint)
+        images = cfg.stages[stage.name].get("images")
+        sized = f" for {images:,} images over {datamodule.num_train:,}" if images else ""
         rank_zero_info(f"stage {stage.index + 1} of {len(plan)}: {stage.name} "
-                       f"({', '.join(stage.weights)}; {stage.cfg.trainer.max_epochs} epochs)")
+                       f"({', '.join(stage.weights)}; {stage.cfg.trainer.max_epochs} epochs{sized})")
         done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")
         inside = False
         write_progress(out_dir, done, time.monotonic() - started)

@@ -10,6 +10,10 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   every task named must be in the run's ``task`` list, whose settings hold the rest.
 - ``epochs`` (required) and ``max_time`` (a time cap, ``DD:HH:MM:SS``). The run's own
   ``trainer.max_time`` is the budget of all the stages together: each gets at most what is left.
+- ``images``: the number of training images the stage reads, which sizes it by the training set:
+  its epochs are ``images`` over the training images, rounded up, at most ``epochs`` (a
+  protocol written for any folder, such as data=folder's, so costs the same on a large folder and
+  gives a small one more epochs).
 - ``optimizer`` and ``scheduler``: as the run's top-level keys (absent: the run's; a
   scheduler's ``${trainer.max_epochs}`` is the stage's epochs; ``scheduler: null``: constant).
 - ``batch_size``: of the stage's training batches (absent: ``data.batch_size``).
@@ -18,6 +22,8 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   (absent: ``cluster.every_n_epochs``), ``once`` at the stage's start from the features the
   previous stage left (an eval-mode pass), or ``never`` (the targets the previous stage left).
 - A stage set to ``null`` is left out: an experiment that extends another drops a stage so.
+  A task of the ``task`` list that no stage trains is left out too (with a line saying so), unless
+  a trained task reads it (``source``).
 
 A run without ``stages`` is one stage, today's run. Nothing here loads torch: the plan is checked
 before any library loads.
@@ -26,6 +32,7 @@ before any library loads.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,7 +40,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-STAGE_KEYS = ("tasks", "epochs", "max_time", "optimizer", "scheduler", "batch_size", "backbone_lr",
+STAGE_KEYS = ("tasks", "epochs", "images", "max_time", "optimizer", "scheduler", "batch_size", "backbone_lr",
               "refresh", "every_n_epochs")
 TASK_KEYS = ("weight", "view", "weak_view", "start_epoch", "stop_epoch")
 REFRESH = ("every", "once", "never")
@@ -90,6 +97,73 @@ def drop_null_stages(cfg: DictConfig) -> None:
             cfg.stages = {k: v for k, v in stages.items() if v is not None} or None
 
 
+def drop_unstaged_tasks(cfg: DictConfig) -> list[str]:
+    """Leave out the tasks of the ``task`` list that no stage trains and no trained task reads
+    (its ``source``), as data=folder's protocol trains two of the four tasks its list ends up
+    with; returns their names (none without stages)."""
+    stages = cfg.get("stages")
+    if not isinstance(stages, DictConfig) or not all(isinstance(v, DictConfig) for v in stages.values()):
+        return []
+    named = {str(t) for stage in stages.values() for t in (stage.get("tasks") or {})}
+    named |= {str(cfg.task[t].source) for t in named if t in cfg.task and cfg.task[t].get("source")}
+    listed = [str(t) for t, v in cfg.task.items() if "_target_" in v]
+    unused = [t for t in listed if t not in named]
+    if not unused or len(unused) == len(listed):  # none trained: stage_problems names the fix
+        return []
+    with open_dict(cfg):
+        cfg.task = {k: v for k, v in cfg.task.items() if k not in unused}
+    return unused
+
+
+def protocol_problem(cfg: DictConfig) -> str | None:
+    """One message for a task list that lacks the tasks of the protocol a data option brings
+    (``protocol_name``, set by conf/protocol/<name>.yaml), naming the fix, instead of one per key."""
+    name, stages = cfg.get("protocol_name"), cfg.get("stages")
+    if not name or not isinstance(stages, DictConfig):
+        return None
+    if cfg.backbone.get("freeze"):
+        return (f"backbone.freeze=true leaves the pretext stage of conf/protocol/{name}.yaml nothing to "
+                "train: cluster the frozen features in one stage, protocol=single task=[cluster,scan] "
+                "warmup_epochs=0 (README, \"Clustering with a pretrained model\").")
+    listed = [str(n) for n, t in (cfg.task or {}).items() if "_target_" in t]
+    missing = sorted({str(t) for s in stages.values() if isinstance(s, DictConfig)
+                      for t in (s.get("tasks") or {}) if t not in listed})
+    if not missing:
+        return None
+    plan = "; ".join(f"{s} ({', '.join(v.tasks)})" for s, v in stages.items() if isinstance(v, DictConfig))
+    return (f"task=[{','.join(listed)}] lacks {', '.join(missing)}, which the stages of "
+            f"conf/protocol/{name}.yaml train ({plan}). Add {'it' if len(missing) == 1 else 'them'} "
+            f"(task=[{','.join(listed + missing)}]), or protocol=single to train the listed tasks "
+            "together in one stage.")
+
+
+def replaced_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """Command-line overrides that every stage replaces, so they would change nothing (the run's
+    ``optimizer.lr`` when each stage has its own optimiser, a sweep over ``data.batch_size`` when
+    each sets its batch size, ``trainer.max_epochs``), each naming the per-stage key instead."""
+    stages = cfg.get("stages")
+    if not isinstance(stages, DictConfig) or not stages:
+        return []
+    first = next(iter(stages))
+    replaced = {"trainer.max_epochs": "epochs"}
+    for part in ("optimizer", "scheduler"):
+        if all(part in stage for stage in stages.values()):
+            replaced[part] = part
+    if all(stage.get("batch_size") is not None for stage in stages.values()):
+        replaced["data.batch_size"] = "batch_size"
+    out = []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        hit = next((k for k in replaced if key == k or key.startswith(k + ".")), None)
+        if hit is None:
+            continue
+        per_stage = f"stages.{first}.{replaced[hit]}{key[len(hit):]}"
+        single = " or protocol=single for one stage" if cfg.get("protocol_name") else ""
+        out.append(f"{override}: every stage of this run sets its own {replaced[hit]}, so this changes "
+                   f"nothing; set it per stage (e.g. {per_stage}=...){single}.")
+    return out
+
+
 def stage_problems(cfg: DictConfig) -> list[str]:
     """What is wrong with ``stages`` (and ``start_stage``), each naming the key and the fix."""
     stages, problems = cfg.get("stages"), []
@@ -110,6 +184,10 @@ def stage_problems(cfg: DictConfig) -> list[str]:
         epochs = stage.get("epochs")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             problems.append(f"{key}.epochs={epochs!r}: give the stage's number of epochs (>= 1).")
+        images = stage.get("images")
+        if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
+            problems.append(f"{key}.images={images!r}: the number of training images the stage reads "
+                            "(>= 1; its epochs follow from the training set's size), or null.")
         cap = stage.get("max_time")
         if cap is not None and not (isinstance(cap, DictConfig) or isinstance(cap, str)
                                     and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", cap)):
@@ -203,6 +281,19 @@ def task_settings(cfg: DictConfig, stage: DictConfig) -> dict[str, dict[str, Any
         values.pop("weight", None)  # the stage's weights are its own (Stage.weights)
         out[str(task)] = values
     return out
+
+
+def size_stages(plan: list[Stage], cfg: DictConfig, num_train: int) -> None:
+    """Give each stage with ``images`` its epochs for a training set of ``num_train`` images
+    (the same on every rank and on resume, as the images are), under the debug presets' cap."""
+    cap = cfg.get("max_stage_epochs")
+    for stage in plan:
+        images = cfg.stages[stage.name].get("images")
+        if images is None:
+            continue
+        epochs = min(int(cfg.stages[stage.name].epochs), max(1, math.ceil(images / max(1, num_train))))
+        with open_dict(stage.cfg):
+            stage.cfg.trainer.max_epochs = epochs if cap is None else min(epochs, int(cap))
 
 
 def plan_stages(cfg: DictConfig) -> list[Stage]:

@@ -21,6 +21,7 @@ register_configs()  # the schemas, before Hydra composes
 def main(cfg: DictConfig) -> float | None:
     """Train; return ``optimized_metric`` (label-free by default) for a Hydra sweeper."""
     check_config(cfg)  # before the heavy imports
+    check_overrides(cfg)
     from mtl_unsup.errors import NonFiniteLossError
     from mtl_unsup.training import objective, train
 
@@ -31,6 +32,20 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"error: {err} This trial scores NaN; the sweep goes on.")
         return float("nan")
+
+
+def check_overrides(cfg: DictConfig) -> None:
+    """Refuse command-line (or sweep) overrides that the run's stages replace: they would be
+    silently ignored."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mtl_unsup.config import ConfigValueError
+    from mtl_unsup.stages import replaced_overrides
+
+    if HydraConfig.initialized():
+        problems = replaced_overrides(cfg, list(HydraConfig.get().overrides.task))
+        if problems:
+            raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
 
 
 def in_sweep() -> bool:

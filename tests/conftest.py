@@ -76,8 +76,10 @@ TINY = [
 
 
 def tiny_folder_overrides(root: Path) -> list[str]:
-    return [*TINY, "data=folder", f"data.root={root}", "data.channels=1", "data.image_size=16",
-            "data.mean=[0.3]", "data.std=[0.4]"]
+    """A tiny run on the folder at ``root``, one stage of the listed tasks (``protocol=single``;
+    data=folder's own protocol is tested in test_protocol.py)."""
+    return [*TINY, "data=folder", "protocol=single", f"data.root={root}", "data.channels=1",
+            "data.image_size=16", "data.mean=[0.3]", "data.std=[0.4]"]
 
 
 def staged_overrides(root: Path) -> list[str]:

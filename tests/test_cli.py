@@ -40,6 +40,12 @@ CASES = {
     "wrong_type": ("train", ["cluster.niter=ten"], "full_key: cluster.niter"),
     "k_neither_number_nor_auto": ("train", ["cluster.k=ten"], "cluster.k='ten': use a number of clusters"),
     "trainer_wrong_type": ("train", ["trainer.max_epochs=abc"], "full_key: trainer.max_epochs"),
+    "run_setting_each_stage_replaces": (
+        "train", ["data=folder", "data.root={shapes}", "optimizer.lr=0.1"],
+        "optimizer.lr=0.1: every stage of this run sets its own optimizer"),
+    "folder_protocol_without_its_tasks": (
+        "train", ["data=folder", "data.root={shapes}", "task=[cluster,scan]"],
+        "task=[cluster,scan] lacks contrastive"),
     "missing_ckpt": ("predict", ["ckpt={out}/none.ckpt", "data.root={shapes}"], "{out}/none.ckpt"),
 }
 

@@ -105,6 +105,7 @@ def test_ddp_from_the_command_line_writes_one_run_dir_and_prints_once(tmp_path):
     run_dir = tmp_path / "run"
     args = ["backbone.widths=[8,16]", "backbone.convs_per_stage=1", "trainer.max_epochs=2",
             "trainer.enable_progress_bar=false", "print_config=false", "data=folder",
+            "protocol=single",
             f"data.root={root}", "data.channels=1", "data.image_size=16", "data.mean=[0.3]",
             "data.std=[0.4]", "data.batch_size=8", "cluster.k=3", "cluster.pca_dim=8",
             "cluster.every_n_epochs=1", "task.cluster.start_epoch=0", "trainer=ddp",

@@ -128,7 +128,8 @@ def test_pixel_rows_without_umap(split_dir: Path, monkeypatch):
 
 def test_ours_runs_end_to_end_within_a_tiny_budget(split_dir: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # run directories go under ./outputs
-    ours = " ".join([*TINY, "data.channels=1", "data.image_size=16", "data.mean=[0.3]", "data.std=[0.4]"])
+    ours = " ".join([*TINY, "protocol=single", "data.channels=1", "data.image_size=16", "data.mean=[0.3]",
+                     "data.std=[0.4]"])
     peers.main(["--data", str(split_dir), "--minutes", "0.5", "--skip", "lightly,umap", "--threads", "1",
                 "--ours", ours, "--out", "bench"])
     text = (tmp_path / "bench" / "shapes-split.md").read_text()
@@ -202,3 +203,25 @@ def test_a_skipped_method_keeps_its_row_measured_with_the_same_budget(split_dir,
                 "--out", "bench"])
     text = (tmp_path / "bench" / "shapes-split.md").read_text()
     assert text.count("skipped (--skip)") == 3
+
+
+def test_our_rows_made_with_other_overrides_stay_in_the_table(split_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    split = peer_runs.find_split(split_dir)
+    when = datetime(2026, 1, 2, 3, 4, tzinfo=timezone.utc)
+    settings = {"minutes": 2, "seed": 0, "threads": 1, "k": 3, "image_size": 16, "ours": "experiment=a"}
+    earlier = [("ours", peer_runs.Row("ours", 0.6, 0.5, 60.0, "m", ["ours a"]))]
+    (tmp_path / "bench").mkdir()
+    peers.write_rows(peers.rows_file(tmp_path / "bench", split), earlier, settings, "abc1234", when)
+    argv = ["--data", str(split_dir), "--minutes", "2", "--skip", "lightly,umap,ours", "--threads", "1",
+            "--out", "bench", "--ours", "protocol=folder"]
+    for _ in range(2):  # kept again by the next run, under its own overrides
+        peers.main(argv)
+        rows = json.loads((tmp_path / "bench" / "shapes-split.json").read_text())["rows"]
+        assert [r["source"] for r in rows] == ["lightly", "umap", "ours", "ours:experiment=a"]
+        assert rows[-1]["method"] == "ours, `experiment=a`" and rows[-1]["acc"] == 0.6
+    text = (tmp_path / "bench" / "shapes-split.md").read_text()
+    assert "| ours, `experiment=a` | 0.600 | 0.500 | 60.0 |" in text and "    ours a" in text
+    # another budget keeps none of them
+    peers.main([*argv[:3], "3", *argv[4:]])
+    assert "experiment=a" not in (tmp_path / "bench" / "shapes-split.md").read_text()

@@ -1,5 +1,6 @@
 """SCAN's strong view: RandAugment drawn per group of images, and Cutout."""
 
+import pytest
 import torch
 
 from mtl_unsup.data.strong_augment import Cutout, GroupRandAugment
@@ -16,6 +17,16 @@ def test_cutout_fills_one_clipped_square_per_image_with_the_mean():
     assert (holes.sum((1, 2)) == rows * cols).all()  # each hole is one rectangle
     assert rows.max() <= 16 and cols.max() <= 16 and (holes.sum((1, 2)) > 0).float().mean() > 0.8
     assert len(set(holes.sum((1, 2)).tolist())) > 5  # sizes and clipping vary
+
+
+def test_cutout_given_a_share_scales_its_holes_with_the_image():
+    torch.manual_seed(0)
+    for side in (16, 64):
+        holes = Cutout(max_size=0.5, fill=0.0)(torch.ones(256, 1, side, side))[:, 0] == 0
+        rows = holes.any(2).sum(1)
+        assert rows.max() == side // 2  # the largest hole is half the side, never more
+    with pytest.raises(ValueError, match="share of the image's side"):
+        Cutout(max_size=1.5)
 
 
 def test_group_randaugment_draws_per_group_and_repeats_under_a_seed():

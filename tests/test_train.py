@@ -120,7 +120,8 @@ def test_config_mistakes_fail_at_composition_naming_the_key(tmp_path, override, 
     ],
 )
 def test_bad_values_fail_before_any_data_is_read(tmp_path, override, names):
-    cfg = compose_cfg(tmp_path, ["data=folder", f"data.root={tmp_path / 'missing'}", override])
+    cfg = compose_cfg(tmp_path, ["data=folder", "protocol=single", f"data.root={tmp_path / 'missing'}",
+                                 override])
     with pytest.raises(ConfigValueError, match=names):
         train(cfg)
 

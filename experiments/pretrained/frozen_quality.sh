@@ -10,7 +10,7 @@ PY=${PY:-python}
 mkdir -p $OUT
 echo "pretrained: $CKPT"; date
 S=$(date +%s.%N)
-$PY -m mtl_unsup.train data=folder data.root=$ROOT print_config=false pictures=false \
+$PY -m mtl_unsup.train data=folder protocol=single data.root=$ROOT print_config=false pictures=false \
   trainer.enable_progress_bar=false paths.cache_dir=$OUT/cache backbone.weights_path=$CKPT \
   backbone.freeze=true task=[cluster,scan] task.cluster.start_epoch=0 task.scan.start_epoch=0 \
   data.embedding_copies=2 cluster.every_n_epochs=1 trainer.max_epochs=50 hydra.run.dir=$OUT/frozen > $OUT/frozen.log 2>&1

@@ -23,7 +23,7 @@ DEFAULTS = ["backbone=torchvision", "backbone.name=resnet18", "backbone.cifar_st
             "backbone.freeze=true", "task=[cluster,scan]", "task.cluster.start_epoch=0",
             "task.scan.start_epoch=0", "cluster.every_n_epochs=1", "trainer.max_epochs=2",
             "trainer.check_val_every_n_epoch=100", "print_config=false", "pictures=false",
-            "trainer.enable_progress_bar=false"]
+            "trainer.enable_progress_bar=false", "protocol=single"]
 
 
 class EpochTimer(L.Callback):

@@ -40,7 +40,7 @@ import torch
 
 DEFAULTS = ["warmup_epochs=0", "cluster.every_n_epochs=1", "trainer.max_epochs=2",
             "trainer.check_val_every_n_epoch=100", "print_config=false", "pictures=false",
-            "trainer.enable_progress_bar=false"]
+            "trainer.enable_progress_bar=false", "protocol=single"]
 
 
 class StepTimer(L.Callback):

@@ -20,8 +20,9 @@ classes are read only to score (Hungarian ACC, NMI on ``test/``) and to set k (o
    Not budgeted: they take what they take.
 3. ``ours``: ``python -m mtl_unsup.train data=folder data.root=<folder> data.val_fraction=0
    optimized_metric=null cluster.k=<k> seed=<seed> <--ours> trainer.max_time=<budget>`` in a process
-   of its own (all of ``train/`` trained on, as by the peers); its ``metrics.json`` gives ``test/acc``
-   and ``test/nmi`` (its answer is chosen without labels).
+   of its own (``--ours`` defaults to ``protocol=folder``, what a folder alone trains; all of
+   ``train/`` trained on, as by the peers); its ``metrics.json`` gives ``test/acc`` and
+   ``test/nmi`` (its answer is chosen without labels).
 
 Every method runs with the same number of torch threads (``--threads``, default: all cores), one
 after the other; the trained rows' notes give the CPU minutes their processes got, which on a shared
@@ -39,7 +40,8 @@ Without lightly-train (or umap-learn) that row is kept in the table as skipped, 
 The rows also go to ``<out>/<folder name>.json``. A method left out with ``--skip`` keeps the row it
 got in that file's run when that run had the same ``--minutes`` (its notes say when and at which
 commit it was measured), so the methods of one table can be measured in separate sittings, one at a
-time on an otherwise idle machine.
+time on an otherwise idle machine. Our rows made with other ``--ours`` overrides (and otherwise the
+same settings) stay in the table too, so our protocols are compared in one table.
 
 The lightly-train row is :mod:`mtl_unsup.benchmarks.peer_lightly`; what the rows share (the split,
 the row, the timed child process) is :mod:`mtl_unsup.benchmarks.peer_runs`.
@@ -76,8 +78,9 @@ from mtl_unsup.benchmarks.peer_runs import (
 )
 from mtl_unsup.stages import max_time_string
 
-# The training overrides of the "ours" row: SCAN's protocol as stages, sized for CPUs.
-DEFAULT_OURS = "experiment=scan_cifar10_cpu"
+# The training overrides of the "ours" row: what data=folder trains (conf/protocol/folder.yaml),
+# written out so that the row says which protocol it measured.
+DEFAULT_OURS = "protocol=folder"
 METHODS = ("lightly", "umap", "ours")
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,13 +145,18 @@ def epochs_run(run_dir: Path, metrics: dict[str, float] | None = None) -> str:
     return "; ".join(parts)
 
 
+def ours_name(ours: str) -> str:
+    """The row's name: ``ours`` with its overrides, when short enough to read in a table."""
+    return f"{ROW_NAMES['ours']}, `{ours}`" if ours and len(ours) <= 40 else ROW_NAMES["ours"]
+
+
 def ours_row(split: Split, ours: str, k: int, budget_s: int, seed: int, run_dir: Path,
              threads: int) -> Row:
     """Our training in a process of its own; held-out ACC and NMI from its metrics.json."""
     command = ours_command(split, ours, k, budget_s, seed, run_dir)
     log = run_dir.parent / "ours.log"
     code, minutes, cpu = run_logged(command, log, threads, child_timeout(budget_s))
-    row = Row(ROW_NAMES["ours"], minutes=minutes, commands=[shlex.join(command)])
+    row = Row(ours_name(ours), minutes=minutes, commands=[shlex.join(command)])
     if code == 0 and not (run_dir / "metrics.json").exists():
         row.notes = f"failed (no metrics.json); see {log}"
         return row
@@ -244,6 +252,26 @@ def kept_rows(path: Path, method: str, settings: dict) -> list[Row]:
     return [Row(**r) for r in data["rows"] if r.pop("source", None) == method and r["acc"] is not None]
 
 
+def other_ours_rows(path: Path, settings: dict) -> list[tuple[str, Row]]:
+    """Our rows of the report at ``path`` made with other ``--ours`` overrides but otherwise the
+    same settings, as ``("ours:<overrides>", row)``: the protocols compared in one table, each
+    measured in a sitting of its own."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        return []
+    then = {"minutes": data.get("minutes"), **data.get("settings", {})}
+    if not data or any(then.get(key, value) != value for key, value in settings.items() if key != "ours"):
+        return []
+    out = []
+    for r in data["rows"]:
+        source = r.pop("source", "")
+        overrides = then.get("ours", "") if source == "ours" else source.removeprefix("ours:")
+        if source.startswith("ours") and overrides != settings["ours"] and r["acc"] is not None:
+            out.append((f"ours:{overrides}", Row(**{**r, "method": ours_name(overrides)})))
+    return out
+
+
 def write_rows(path: Path, rows: Sequence[tuple[str, Row]], settings: dict, commit: str,
                when: datetime) -> None:
     stamp = f"{when:%Y-%m-%d %H:%M} UTC at commit {commit}"
@@ -306,6 +334,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
             rows.append(ours_row(split, args.ours, k, budget_s, args.seed, run_dir / "ours", args.threads))
         sources += [method] * (len(rows) - before)
         print("\n".join(table(rows[before:])[2:]), flush=True)
+    for source, row in other_ours_rows(rows_file(args.out, split), settings):
+        rows.append(row)
+        sources.append(source)
     path = args.out / f"{split.name}.md"
     path.write_text(report(split, rows, args.minutes, k, args.threads, argv, commit, when))
     write_rows(rows_file(args.out, split), list(zip(sources, rows, strict=True)), settings, commit, when)

@@ -59,14 +59,16 @@ class Cutout(nn.Module):
     mean, so that after normalisation the hole is zero, as in SCAN).
 
     Args:
-        max_size: the largest side of a hole, in pixels (SCAN on CIFAR-10: 16).
+        max_size: the largest side of a hole, in pixels (SCAN on CIFAR-10: 16), or as a share
+            of the image's shorter side when below 1 (0.5: 16 of 32 pixels, whatever the size).
         fill: the hole's value per channel, in [0, 1] image units.
     """
 
-    def __init__(self, max_size: int = 16, fill: list[float] | float = 0.5) -> None:
+    def __init__(self, max_size: float = 16, fill: list[float] | float = 0.5) -> None:
         super().__init__()
-        if max_size < 1:
-            raise ValueError(f"max_size={max_size} must be >= 1")
+        if not 0 < max_size < 1 and (max_size < 1 or max_size != int(max_size)):
+            raise ValueError(f"max_size={max_size}: a whole number of pixels >= 1, or a share of "
+                             "the image's side between 0 and 1")
         self.max_size = max_size
         fill = [fill] if isinstance(fill, int | float) else list(fill)
         self.register_buffer("fill", torch.tensor(fill, dtype=torch.float32).view(1, -1, 1, 1),
@@ -74,7 +76,8 @@ class Cutout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        half = torch.randint(1, self.max_size + 1, (b, 1, 1), device=x.device) // 2
+        side = int(self.max_size) if self.max_size >= 1 else max(1, round(self.max_size * min(h, w)))
+        half = torch.randint(1, side + 1, (b, 1, 1), device=x.device) // 2
         cy = torch.randint(0, h, (b, 1, 1), device=x.device)
         cx = torch.randint(0, w, (b, 1, 1), device=x.device)
         ys = torch.arange(h, device=x.device).view(1, h, 1)
