@@ -88,7 +88,7 @@ def test_images_size_each_stage_by_the_training_set_and_its_schedule_follows(tmp
         size_stages(plan, with_cap, num_train)
         assert plan[0].cfg.trainer.max_epochs == epochs
         assert plan[0].cfg.scheduler.T_max == epochs  # the cosine schedule ends with the stage
-    assert plan[1].cfg.trainer.max_epochs == 200  # 1,350,000 images over 2,000: 675, at most 200
+    assert plan[1].cfg.trainer.max_epochs == 200  # 1,500,000 images over 2,000: 750, at most 200
     cfg.stages.pretext.images = 0
     with pytest.raises(ConfigValueError, match="stages.pretext.images=0"):
         check_config(cfg)
