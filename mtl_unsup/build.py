@@ -53,17 +53,23 @@ def build_tasks(cfg: DictConfig) -> dict[str, Any]:
     return tasks
 
 
+def fill_input_settings(cfg: DictConfig) -> None:
+    """Write into ``cfg`` the ``data.image_size``, ``mean`` and ``std`` left null: those the
+    backbone's weights expect (:func:`~mtl_unsup.models.backbones.expected_input`)."""
+    if "image_size" in cfg.data and any(cfg.data.get(k) is None for k in ("image_size", "mean", "std")):
+        expected = expected_input(cfg.backbone, cfg.data.channels)
+        for key, value in expected.items():
+            if cfg.data.get(key) is None:
+                cfg.data[key] = value
+
+
 def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the data module and read and check every image now, before any training.
 
     ``data.image_size``, ``mean`` and ``std`` left null become those the backbone's weights
     expect (:func:`~mtl_unsup.models.backbones.expected_input`), written into ``cfg``.
     """
-    if "image_size" in cfg.data and any(cfg.data.get(k) is None for k in ("image_size", "mean", "std")):
-        expected = expected_input(cfg.backbone, cfg.data.channels)
-        for key, value in expected.items():
-            if cfg.data.get(key) is None:
-                cfg.data[key] = value
+    fill_input_settings(cfg)
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.shuffle_seed = cfg.seed
     datamodule.prepare_data()

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from mtl_unsup.atomic import write_text
-from mtl_unsup.build import Run, build_model, build_trainer, check_selection
+from mtl_unsup.build import Run, build_model, build_trainer, check_selection, fill_input_settings
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
 from mtl_unsup.history import HISTORY
@@ -144,6 +144,7 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     unused = drop_unstaged_tasks(cfg)
     if unused:
         rank_zero_info(f"tasks no stage trains, left out: {', '.join(unused)}")
+    fill_input_settings(cfg)  # before the stages copy the config: the last one's draws the pictures
     plan = plan_stages(cfg)
     datamodule, module = build_model(plan[0].cfg, staged=True)
     size_stages(plan, cfg, datamodule.num_train)

@@ -283,15 +283,23 @@ def task_settings(cfg: DictConfig, stage: DictConfig) -> dict[str, dict[str, Any
     return out
 
 
+def sized_epochs(stage: DictConfig, num_train: int) -> int:
+    """A stage's epochs for ``num_train`` training images: ``images`` over them, rounded up, at
+    most ``epochs`` (``epochs`` alone without ``images``)."""
+    images = stage.get("images")
+    if images is None:
+        return int(stage.epochs)
+    return min(int(stage.epochs), max(1, math.ceil(images / max(1, num_train))))
+
+
 def size_stages(plan: list[Stage], cfg: DictConfig, num_train: int) -> None:
     """Give each stage with ``images`` its epochs for a training set of ``num_train`` images
     (the same on every rank and on resume, as the images are), under the debug presets' cap."""
     cap = cfg.get("max_stage_epochs")
     for stage in plan:
-        images = cfg.stages[stage.name].get("images")
-        if images is None:
+        if cfg.stages[stage.name].get("images") is None:
             continue
-        epochs = min(int(cfg.stages[stage.name].epochs), max(1, math.ceil(images / max(1, num_train))))
+        epochs = sized_epochs(cfg.stages[stage.name], num_train)
         with open_dict(stage.cfg):
             stage.cfg.trainer.max_epochs = epochs if cap is None else min(epochs, int(cap))
 

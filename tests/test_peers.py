@@ -177,6 +177,10 @@ def test_a_staged_run_is_described_stage_by_stage(tmp_path):
     metrics = {"pretext/test/kmeans_acc": 0.4, "scan/test/acc": 0.45, "scan/test/kmeans_acc": 0.3}
     assert peers.epochs_run(tmp_path, metrics) == ("pretext 3 of 3 epochs, ACC 0.400; "
                                                    "scan 1 of 2 epochs, ACC 0.450")
+    # a stage sized by images: the epochs it was given for the training set, not its cap
+    (tmp_path / ".hydra" / "config.yaml").write_text(
+        "trainer: {max_epochs: 80}\nstages: {pretext: {epochs: 500, images: 250}, scan: {epochs: 2}}\n")
+    assert peers.epochs_run(tmp_path, metrics, num_train=100).startswith("pretext 3 of 3 epochs")
 
 
 def test_a_skipped_method_keeps_its_row_measured_with_the_same_budget(split_dir, tmp_path, monkeypatch):

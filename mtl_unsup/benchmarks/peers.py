@@ -76,7 +76,7 @@ from mtl_unsup.benchmarks.peer_runs import (
     run_logged,
     set_threads,
 )
-from mtl_unsup.stages import max_time_string
+from mtl_unsup.stages import max_time_string, sized_epochs
 
 # The training overrides of the "ours" row: what data=folder trains (conf/protocol/folder.yaml),
 # written out so that the row says which protocol it measured.
@@ -121,7 +121,7 @@ def ours_command(split: Split, ours: str, k: int, budget_s: int, seed: int, run_
             "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
 
 
-def epochs_run(run_dir: Path, metrics: dict[str, float] | None = None) -> str:
+def epochs_run(run_dir: Path, metrics: dict[str, float] | None = None, num_train: int | None = None) -> str:
     """``N of M epochs``: how far the run got, from its history and its composed config; for a run
     of stages, each stage's, with the held-out ACC it ended with (its answer head's, else k-means')."""
     from omegaconf import OmegaConf
@@ -141,7 +141,8 @@ def epochs_run(run_dir: Path, metrics: dict[str, float] | None = None) -> str:
             continue
         acc = (metrics or {}).get(f"{name}/test/acc", (metrics or {}).get(f"{name}/test/kmeans_acc"))
         score = f", ACC {acc:.3f}" if acc is not None else ""
-        parts.append(f"{name} {count(run_dir / name / 'epochs.jsonl')} of {stage.epochs} epochs{score}")
+        planned = sized_epochs(stage, num_train) if num_train else stage.epochs
+        parts.append(f"{name} {count(run_dir / name / 'epochs.jsonl')} of {planned} epochs{score}")
     return "; ".join(parts)
 
 
@@ -167,7 +168,7 @@ def ours_row(split: Split, ours: str, k: int, budget_s: int, seed: int, run_dir:
     row.acc, row.nmi = metrics.get("test/acc"), metrics.get("test/nmi")
     what = f"`{ours}`" if len(ours) <= 60 else "`--ours` as in the command below"
     row.notes = (f"{cpu}; {what}, trainer.max_time {max_time_string(budget_s)}: "
-                 f"{epochs_run(run_dir, metrics)}; "
+                 f"{epochs_run(run_dir, metrics, split.n_train)}; "
                  f"k-means on its features: ACC {metrics.get('test/kmeans_acc', float('nan')):.3f}")
     return row
 
