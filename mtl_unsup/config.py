@@ -247,7 +247,8 @@ class ConfigValueError(UserError, ValueError):
 def check_config(cfg: Any) -> None:
     """Range checks the schema's types cannot express; run before any data is read."""
     problems = []
-    from mtl_unsup.stages import drop_null_stages, protocol_problem, stage_problems
+    from mtl_unsup.stage_checks import protocol_problem, stage_problems
+    from mtl_unsup.stages import drop_null_stages
 
     drop_null_stages(cfg)
     if (problem := protocol_problem(cfg)) is not None:  # one message, not one per task key

@@ -57,6 +57,17 @@ def write_progress(out_dir: Path, done: dict[str, dict[str, float]], seconds: fl
     write_text(path, json.dumps({"done": done, "seconds": round(seconds, 1)}, indent=2) + "\n")
 
 
+def refuse_one_stage_run(out_dir: Path, plan: list[Stage]) -> None:
+    """A run directory of one stage (``checkpoints/last.ckpt``, no stage's) is not resumed as
+    stages: this command would start them from scratch beside it."""
+    ckpts = out_dir / "checkpoints"
+    if (ckpts / "last.ckpt").is_file() and not any((ckpts / s.name).is_dir() for s in plan):
+        raise ConfigValueError(
+            f"{out_dir} holds a run of one stage (checkpoints/last.ckpt), but this command trains "
+            f"stages ({', '.join(s.name for s in plan)}): resume it with protocol=single (data=folder "
+            "trains stages since 2026-12-05), or start a new run without resume=true.")
+
+
 def check_stage_settings(plan: list[Stage], module: MultiTaskModule) -> None:
     """Every stage's task settings and views exist, checked before the first stage trains (a
     mistake in the last stage would otherwise surface hours later)."""
@@ -156,6 +167,8 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     # a checkpoint of this run directory is resumed; any other gives its weights (and targets)
     resuming = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
     done, spent = read_progress(out_dir) if resuming else ({}, 0.0)
+    if resuming:
+        refuse_one_stage_run(out_dir, plan)
     first, start_from = where_to_start(plan, out_dir, resuming, done, cfg.get("start_stage"))
     if ckpt_path and not resuming:
         adopt_checkpoint(ckpt_path, False, probe)
@@ -176,7 +189,9 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         trainer.callbacks.extend(extra_callbacks)
         run = Run(datamodule, module, trainer, checkpoint)
         images = cfg.stages[stage.name].get("images")
-        sized = f" for {images:,} images over {datamodule.num_train:,}" if images else ""
+        reads = stage.cfg.trainer.max_epochs * datamodule.num_train
+        sized = (f" for {images:,} images over {datamodule.num_train:,}"
+                 + ("" if reads >= images else f": capped, {reads:,} images") if images else "")
         rank_zero_info(f"stage {stage.index + 1} of {len(plan)}: {stage.name} "
                        f"({', '.join(stage.weights)}; {stage.cfg.trainer.max_epochs} epochs{sized})")
         done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")

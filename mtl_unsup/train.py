@@ -40,7 +40,7 @@ def check_overrides(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from mtl_unsup.config import ConfigValueError
-    from mtl_unsup.stages import replaced_overrides
+    from mtl_unsup.stage_checks import replaced_overrides
 
     if HydraConfig.initialized():
         problems = replaced_overrides(cfg, list(HydraConfig.get().overrides.task))

@@ -7,10 +7,11 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from mtl_unsup.config import ConfigValueError, check_config
-from mtl_unsup.stages import drop_unstaged_tasks, plan_stages, replaced_overrides, size_stages
+from mtl_unsup.stage_checks import replaced_overrides
+from mtl_unsup.stages import drop_unstaged_tasks, plan_stages, size_stages
 from mtl_unsup.train import train
 
-from .conftest import TINY, compose_cfg, write_shapes
+from .conftest import TINY, compose_cfg, tiny_folder_overrides, write_shapes
 from .test_stages import Record
 
 
@@ -34,10 +35,14 @@ def test_a_folder_gets_the_staged_protocol_other_data_and_protocol_single_one_st
     assert list(folder.stages) == ["pretext", "scan"] and folder.protocol_name == "folder"
     assert drop_unstaged_tasks(folder) == ["cluster", "rotation"]
     assert listed(folder) == ["contrastive", "scan"]
+    assert list(folder.backbone.widths) == [32, 64, 128, 256]  # the depth measured on CIFAR-10
+    resnet = compose_cfg(tmp_path, ["data=folder", "data.root=/x", "backbone=resnet18"])
+    assert "widths" not in resnet.backbone
     for overrides in (["data=folder", "data.root=/x", "protocol=single"], []):  # [] is make train's
         cfg = compose_cfg(tmp_path, overrides)
         check_config(cfg)
         assert cfg.stages is None and listed(cfg) == ["cluster", "rotation", "contrastive"]
+        assert list(cfg.backbone.widths) == [32, 64, 128]
     # an experiment on a folder keeps its own stages whole: none of the protocol's keys leak in
     cpu = compose_cfg(tmp_path, ["experiment=scan_cifar10_cpu", "data.root=/x"])
     check_config(cpu)
@@ -118,3 +123,23 @@ def test_a_folder_alone_trains_both_stages_end_to_end(tmp_path):
     ckpt = torch.load(run / "checkpoints" / "scan" / "last.ckpt", weights_only=True)
     assert sorted(OmegaConf.create(ckpt["mtl_config"]).task) == ["contrastive", "scan"]
     assert (run / "report.html").is_file() and OmegaConf.create(ckpt["mtl_config"]).data.image_size == 32
+
+
+def test_a_task_a_trained_task_reads_is_kept(tmp_path):
+    cfg = compose_cfg(tmp_path, ["data=folder", "data.root=/x", "stages.pretext=null"])
+    check_config(cfg)  # SCAN alone, mining in the contrastive task's projection: it stays
+    assert list(cfg.stages) == ["scan"] and drop_unstaged_tasks(cfg) == ["cluster", "rotation"]
+    assert listed(cfg) == ["contrastive", "scan"]
+
+
+@pytest.mark.slow
+def test_resuming_a_one_stage_run_as_stages_is_refused(tmp_path):
+    root = write_shapes(tmp_path / "shapes")
+    run = tmp_path / "run"
+    train(compose_cfg(run, tiny_folder_overrides(root)))
+    (run / "metrics.json").unlink()  # as if it had been killed before its end
+    staged = [o for o in tiny_folder_overrides(root) if o != "protocol=single" and not o.startswith(
+        ("trainer.max_epochs", "task.cluster", "data.batch_size"))]
+    with pytest.raises(ConfigValueError, match="holds a run of one stage .* protocol=single"):
+        train(compose_cfg(run, [*staged, "resume=true"]))
+    assert not (run / "checkpoints" / "pretext").exists()  # nothing trained beside it
