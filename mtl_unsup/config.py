@@ -248,7 +248,7 @@ def check_config(cfg: Any) -> None:
     """Range checks the schema's types cannot express; run before any data is read."""
     problems = []
     from mtl_unsup.stage_checks import protocol_problem, stage_problems
-    from mtl_unsup.stages import drop_null_stages
+    from mtl_unsup.stages import drop_null_stages, listed_tasks
 
     drop_null_stages(cfg)
     if (problem := protocol_problem(cfg)) is not None:  # one message, not one per task key
@@ -285,7 +285,7 @@ def check_config(cfg: Any) -> None:
     for name, task in (cfg.task or {}).items():
         if "_target_" not in task:
             problems.append(f"task.{name} sets {', '.join(task)} but {name} is not in the task list "
-                            f"({', '.join(n for n, t in cfg.task.items() if '_target_' in t)}): add it, "
+                            f"({', '.join(listed_tasks(cfg))}): add it, "
                             f"e.g. task=[...,{name}], or drop its settings with ~task.{name}.")
             continue
         if task.get("weight", 1.0) < 0:

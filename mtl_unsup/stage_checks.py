@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mtl_unsup.stages import listed_tasks
+
 STAGE_KEYS = ("tasks", "epochs", "images", "max_time", "optimizer", "scheduler", "batch_size", "backbone_lr",
               "refresh", "every_n_epochs")
 TASK_KEYS = ("weight", "view", "weak_view", "start_epoch", "stop_epoch")
@@ -27,7 +29,7 @@ def protocol_problem(cfg: DictConfig) -> str | None:
         return (f"backbone.freeze=true leaves the pretext stage of conf/protocol/{name}.yaml nothing to "
                 "train: cluster the frozen features in one stage, protocol=single task=[cluster,scan] "
                 "warmup_epochs=0 (README, \"Clustering with a pretrained model\").")
-    listed = [str(n) for n, t in (cfg.task or {}).items() if "_target_" in t]
+    listed = listed_tasks(cfg)
     missing = sorted({str(t) for s in stages.values() if isinstance(s, DictConfig)
                       for t in (s.get("tasks") or {}) if t not in listed})
     if not missing:
@@ -75,7 +77,7 @@ def stage_problems(cfg: DictConfig) -> list[str]:
     if not isinstance(stages, DictConfig):
         return [f"stages={stages!r}: give a mapping of stage names to settings (see conf/experiment/"
                 "scan_cifar10.yaml), or null for one stage."]
-    tasks = [n for n, t in (cfg.task or {}).items() if "_target_" in t]
+    tasks = listed_tasks(cfg)
     for name, stage in stages.items():
         key = f"stages.{name}"
         if not isinstance(stage, DictConfig):

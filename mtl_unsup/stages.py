@@ -82,6 +82,12 @@ def max_time_string(seconds: float) -> str:
     return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def listed_tasks(cfg: DictConfig) -> list[str]:
+    """The tasks of the run's ``task`` list (entries with a ``_target_``; an entry without one only
+    sets keys of a task the list lacks)."""
+    return [str(name) for name, task in (cfg.task or {}).items() if "_target_" in task]
+
+
 def drop_null_stages(cfg: DictConfig) -> None:
     """Leave out the stages set to ``null`` (``stages: {selflabel: null}`` in an experiment that
     extends another); with none left the run is one stage."""
@@ -102,7 +108,7 @@ def drop_unstaged_tasks(cfg: DictConfig) -> list[str]:
     # and what they read: self-labelling's source heads, the task whose projection SCAN mines in
     named |= {str(cfg.task[t].get(key)) for t in list(named) if t in cfg.task for key in ("source", "space")
               if cfg.task[t].get(key) in cfg.task}
-    listed = [str(t) for t, v in cfg.task.items() if "_target_" in v]
+    listed = listed_tasks(cfg)
     unused = [t for t in listed if t not in named]
     if not unused or len(unused) == len(listed):  # none trained: stage_problems names the fix
         return []

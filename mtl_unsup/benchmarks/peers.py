@@ -239,33 +239,35 @@ def settings_of(args: argparse.Namespace, k: int, size: int) -> dict:
             "ours": args.ours}
 
 
-def kept_rows(path: Path, method: str, settings: dict) -> list[Row]:
-    """The rows ``method`` gave in the report at ``path`` if they were measured with the same
-    settings (a file that does not record one is taken to have used the same)."""
+def comparable_rows(path: Path, settings: dict, ours_too: bool) -> tuple[dict, list[dict]]:
+    """The settings and rows of the report at ``path`` when it was measured with the same
+    ``settings`` (``--ours`` compared only when ``ours_too``; a setting the file does not record is
+    taken to be the same); none when they differ or the file is missing or broken (written anew)."""
     try:
         data = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:  # a broken file keeps nothing, and is written anew
-        return []
+    except ValueError:
+        return {}, []
     then = {"minutes": data.get("minutes"), **data.get("settings", {})}
-    keys = [key for key in settings if key in then and (key != "ours" or method == "ours")]
-    if not data or any(then[key] != settings[key] for key in keys):
-        return []
-    return [Row(**r) for r in data["rows"] if r.pop("source", None) == method and r["acc"] is not None]
+    if not data or any(then.get(key, value) != value for key, value in settings.items()
+                       if key != "ours" or ours_too):
+        return {}, []
+    return then, data["rows"]
+
+
+def kept_rows(path: Path, method: str, settings: dict) -> list[Row]:
+    """The rows ``method`` gave in the report at ``path`` if they were measured with the same
+    settings."""
+    _, rows = comparable_rows(path, settings, ours_too=method == "ours")
+    return [Row(**r) for r in rows if r.pop("source", None) == method and r["acc"] is not None]
 
 
 def other_ours_rows(path: Path, settings: dict) -> list[tuple[str, Row]]:
     """Our rows of the report at ``path`` made with other ``--ours`` overrides but otherwise the
     same settings, as ``("ours:<overrides>", row)``: the protocols compared in one table, each
     measured in a sitting of its own."""
-    try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except ValueError:
-        return []
-    then = {"minutes": data.get("minutes"), **data.get("settings", {})}
-    if not data or any(then.get(key, value) != value for key, value in settings.items() if key != "ours"):
-        return []
+    then, rows = comparable_rows(path, settings, ours_too=False)
     out = []
-    for r in data["rows"]:
+    for r in rows:
         source = r.pop("source", "")
         overrides = then.get("ours", "") if source == "ours" else source.removeprefix("ours:")
         if source.startswith("ours") and overrides != settings["ours"] and r["acc"] is not None:
