@@ -157,6 +157,10 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         rank_zero_info(f"tasks no stage trains, left out: {', '.join(unused)}")
     fill_input_settings(cfg)  # before the stages copy the config: the last one's draws the pictures
     plan = plan_stages(cfg)
+    # a checkpoint of this run directory is resumed; any other gives its weights (and targets)
+    resuming = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
+    if resuming:  # before any image is decoded
+        refuse_one_stage_run(out_dir, plan)
     datamodule, module = build_model(plan[0].cfg, staged=True)
     size_stages(plan, cfg, datamodule.num_train)
     check_stage_settings(plan, module)
@@ -164,11 +168,7 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     for stage in plan:  # the monitor must be logged by every stage, the objective at the end
         check_selection(stage.cfg, datamodule, tasks, stage.weights, objective=stage is plan[-1])
     probe = Run(datamodule, module, None, None)  # type: ignore[arg-type]
-    # a checkpoint of this run directory is resumed; any other gives its weights (and targets)
-    resuming = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
     done, spent = read_progress(out_dir) if resuming else ({}, 0.0)
-    if resuming:
-        refuse_one_stage_run(out_dir, plan)
     first, start_from = where_to_start(plan, out_dir, resuming, done, cfg.get("start_stage"))
     if ckpt_path and not resuming:
         adopt_checkpoint(ckpt_path, False, probe)
