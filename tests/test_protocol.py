@@ -36,8 +36,15 @@ def test_a_folder_gets_the_staged_protocol_other_data_and_protocol_single_one_st
     assert drop_unstaged_tasks(folder) == ["cluster", "rotation"]
     assert listed(folder) == ["contrastive", "scan"]
     assert list(folder.backbone.widths) == [32, 64, 128, 256]  # the depth measured on CIFAR-10
+    # named on the command line (as the peers benchmark does), on a folder or on any other data
+    for named in (["data=folder", "data.root=/x", "protocol=folder"], ["protocol=folder"]):
+        cfg = compose_cfg(tmp_path, named)
+        assert cfg.protocol_name == "folder" and list(cfg.stages) == ["pretext", "scan"]
+        assert list(cfg.backbone.widths) == [32, 64, 128, 256]
     resnet = compose_cfg(tmp_path, ["data=folder", "data.root=/x", "backbone=resnet18"])
     assert "widths" not in resnet.backbone
+    mnist = compose_cfg(tmp_path, ["data=mnist", "data.root=/x"])  # extends data=folder
+    assert mnist.stages is None and mnist.protocol_name is None
     for overrides in (["data=folder", "data.root=/x", "protocol=single"], []):  # [] is make train's
         cfg = compose_cfg(tmp_path, overrides)
         check_config(cfg)
