@@ -13,15 +13,16 @@ from omegaconf import DictConfig
 
 from mtl_unsup.stages import listed_tasks
 
-STAGE_KEYS = ("tasks", "epochs", "images", "max_time", "optimizer", "scheduler", "batch_size", "backbone_lr",
-              "refresh", "every_n_epochs")
+STAGE_KEYS = ("tasks", "epochs", "images", "max_time", "time_share", "optimizer", "scheduler", "batch_size",
+              "backbone_lr", "refresh", "every_n_epochs")
 TASK_KEYS = ("weight", "view", "weak_view", "start_epoch", "stop_epoch")
 REFRESH = ("every", "once", "never")
 
 
 def protocol_problem(cfg: DictConfig) -> str | None:
-    """One message for a task list that lacks the tasks of the protocol a data option brings
-    (``protocol_name``, set by conf/protocol/<name>.yaml), naming the fix, instead of one per key."""
+    """One message for a task list that lacks the tasks of the protocol in use (a data option's or
+    ``protocol=``; ``protocol_name``, set by conf/protocol/<name>.yaml), naming the fix, instead of
+    one per key."""
     name, stages = cfg.get("protocol_name"), cfg.get("stages")
     if not name or not isinstance(stages, DictConfig):
         return None
@@ -39,6 +40,19 @@ def protocol_problem(cfg: DictConfig) -> str | None:
             f"conf/protocol/{name}.yaml train ({plan}). Add {'it' if len(missing) == 1 else 'them'} "
             f"(task=[{','.join(listed + missing)}]), or protocol=single to train the listed tasks "
             "together in one stage.")
+
+
+def mixed_protocol(overrides: list[str], experiment: str | None) -> str | None:
+    """A protocol named on the command line beside an experiment: Hydra would merge the two
+    recipes (the protocol's stages and sizes under the experiment's own settings), which neither
+    describes; an experiment sets its protocol itself."""
+    named = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == "protocol"),
+                 None)
+    if named in (None, "single", "null") or experiment in (None, "null"):
+        return None
+    return (f"protocol={named} with experiment={experiment}: the experiment sets how its tasks "
+            f"train, and the two would be merged into a recipe neither describes. Run the experiment "
+            f"alone, or protocol={named} without it (e.g. data=folder data.root=...).")
 
 
 def replaced_overrides(cfg: DictConfig, overrides: list[str]) -> list[str]:
@@ -97,6 +111,11 @@ def stage_problems(cfg: DictConfig) -> list[str]:
                                     and re.fullmatch(r"\d+:\d\d:\d\d:\d\d", cap)):
             problems.append(f"{key}.max_time={cap!r}: use DD:HH:MM:SS (00:01:30:00 for 90 "
                             "minutes), a dict such as {minutes: 90}, or null.")
+        share = stage.get("time_share")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)
+                                  or not 0 < share <= 1):
+            problems.append(f"{key}.time_share={share!r}: the largest share of the run's "
+                            "trainer.max_time this stage may take, in (0, 1], or null.")
         if stage.get("refresh", "every") not in REFRESH:
             problems.append(f"{key}.refresh={stage.refresh!r}: use {', '.join(REFRESH)}.")
         lr = stage.get("backbone_lr", 1.0)

@@ -125,14 +125,18 @@ def where_to_start(plan: list[Stage], out_dir: Path, resuming: bool, done: dict[
     return first, own if own.is_file() else before if before is not None and before.is_file() else None
 
 
-def cap_stage_time(stage: Stage, deadline: float | None) -> None:
-    """A run's ``trainer.max_time`` is the whole run's budget: each stage gets at most what is
-    left of it (and at most its own ``max_time``)."""
-    if deadline is None:
+def cap_stage_time(stage: Stage, deadline: float | None, budget: float | None,
+                   share: float | None) -> None:
+    """A run's ``trainer.max_time`` is the whole run's budget (``budget`` seconds, ending at
+    ``deadline``): each stage gets at most what is left of it, at most its own ``max_time`` and at
+    most its ``time_share`` of the budget (so a long first stage leaves the next its time)."""
+    if deadline is None or budget is None:  # no budget: each stage's own max_time alone
         return
     left = max(1, int(deadline - time.monotonic()))
     own = as_timedelta(stage.cfg.trainer.max_time)
     cap = min(left, own.total_seconds()) if own is not None else left
+    if share is not None:
+        cap = max(1, min(cap, int(share * budget)))
     with open_dict(stage.cfg):
         stage.cfg.trainer.max_time = max_time_string(cap)
 
@@ -145,6 +149,26 @@ def stage_table(plan: list[Stage], metrics: dict[str, dict[str, float]]) -> str:
             blocks.append(f"stage {stage.index + 1} of {len(plan)}: {stage.name}\n"
                           + format_table(metrics[stage.name]))
     return "\n\n".join(blocks)
+
+
+def stage_line(stage: Stage, num_stages: int, images: int | None, num_train: int) -> str:
+    """The line a stage starts with: its tasks and how long it trains (its epochs, the images they
+    read where the stage is sized by ``images``, or the debug preset's batches)."""
+    trainer = stage.cfg.trainer
+    if trainer.get("fast_dev_run"):
+        batches = int(trainer.fast_dev_run)
+        length = f"fast_dev_run: {batches} batch{'es' if batches > 1 else ''}"
+    else:
+        length = f"{trainer.max_epochs} epochs"
+        if images:
+            reads = trainer.max_epochs * num_train
+            length += (f" for {images:,} images over {num_train:,}"
+                       + ("" if reads >= images else f": capped, {reads:,} images"))
+        for limit in ("overfit_batches", "limit_train_batches"):  # the debug presets' other limits
+            value = trainer.get(limit)  # an int is batches; a float a share (1.0: all)
+            if value and not (isinstance(value, float) and value == 1.0):
+                length += f", {limit}: {value}"
+    return f"stage {stage.index + 1} of {num_stages}: {stage.name} ({', '.join(stage.weights)}; {length})"
 
 
 def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
@@ -177,23 +201,20 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     inside = start_from is not None and start_from.parent.name == plan[min(first, len(plan) - 1)].name
     write_run_info(out_dir)
     budget = as_timedelta(cfg.trainer.get("max_time"))
+    seconds = budget.total_seconds() if budget is not None else None
     started = time.monotonic() - spent
-    deadline = started + budget.total_seconds() if budget is not None else None
+    deadline = started + seconds if seconds is not None else None
     last = plan[-1]
     run = Run(datamodule, module, None, None)  # type: ignore[arg-type]
     for stage in plan[first:]:
-        cap_stage_time(stage, deadline)
+        cap_stage_time(stage, deadline, seconds, cfg.stages[stage.name].get("time_share"))
         enter_stage(stage, module, datamodule, cfg.seed, fresh=not inside)
         ckpt_dir = out_dir / "checkpoints" / stage.name
         trainer, checkpoint = build_trainer(stage.cfg, ckpt_dir, out_dir / stage.name, stage.refresh)
         trainer.callbacks.extend(extra_callbacks)
         run = Run(datamodule, module, trainer, checkpoint)
-        images = cfg.stages[stage.name].get("images")
-        reads = stage.cfg.trainer.max_epochs * datamodule.num_train
-        sized = (f" for {images:,} images over {datamodule.num_train:,}"
-                 + ("" if reads >= images else f": capped, {reads:,} images") if images else "")
-        rank_zero_info(f"stage {stage.index + 1} of {len(plan)}: {stage.name} "
-                       f"({', '.join(stage.weights)}; {stage.cfg.trainer.max_epochs} epochs{sized})")
+        rank_zero_info(stage_line(stage, len(plan), cfg.stages[stage.name].get("images"),
+                                  datamodule.num_train))
         done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")
         inside = False
         write_progress(out_dir, done, time.monotonic() - started)

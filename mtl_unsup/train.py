@@ -35,15 +35,17 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def check_overrides(cfg: DictConfig) -> None:
-    """Refuse command-line (or sweep) overrides that the run's stages replace: they would be
-    silently ignored."""
+    """Refuse command-line (or sweep) overrides that the run's stages replace (they would be
+    silently ignored) and a protocol named beside an experiment (they would be merged)."""
     from hydra.core.hydra_config import HydraConfig
 
     from mtl_unsup.config import ConfigValueError
-    from mtl_unsup.stage_checks import replaced_overrides
+    from mtl_unsup.stage_checks import mixed_protocol, replaced_overrides
 
     if HydraConfig.initialized():
-        problems = replaced_overrides(cfg, list(HydraConfig.get().overrides.task))
+        given = list(HydraConfig.get().overrides.task)
+        mixed = mixed_protocol(given, HydraConfig.get().runtime.choices.get("experiment"))
+        problems = [mixed] if mixed else replaced_overrides(cfg, given)
         if problems:
             raise ConfigValueError("Invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -46,6 +46,9 @@ CASES = {
     "folder_protocol_without_its_tasks": (
         "train", ["data=folder", "data.root={shapes}", "task=[cluster,scan]"],
         "task=[cluster,scan] lacks contrastive"),
+    "protocol_beside_an_experiment": (
+        "train", ["experiment=scan_cifar10_cpu", "data.root={shapes}", "protocol=folder"],
+        "protocol=folder with experiment=scan_cifar10_cpu"),
     "missing_ckpt": ("predict", ["ckpt={out}/none.ckpt", "data.root={shapes}"], "{out}/none.ckpt"),
 }
 

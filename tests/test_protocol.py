@@ -7,7 +7,8 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from mtl_unsup.config import ConfigValueError, check_config
-from mtl_unsup.stage_checks import replaced_overrides
+from mtl_unsup.stage_checks import mixed_protocol, replaced_overrides
+from mtl_unsup.staged import stage_line
 from mtl_unsup.stages import drop_unstaged_tasks, plan_stages, size_stages
 from mtl_unsup.train import train
 
@@ -45,6 +46,8 @@ def test_a_folder_gets_the_staged_protocol_other_data_and_protocol_single_one_st
     assert "widths" not in resnet.backbone
     mnist = compose_cfg(tmp_path, ["data=mnist", "data.root=/x"])  # extends data=folder
     assert mnist.stages is None and mnist.protocol_name is None
+    named = compose_cfg(tmp_path, ["data=mnist", "data.root=/x", "protocol=folder"])
+    assert named.protocol_name == "folder"  # the command line wins over the data option
     for overrides in (["data=folder", "data.root=/x", "protocol=single"], []):  # [] is make train's
         cfg = compose_cfg(tmp_path, overrides)
         check_config(cfg)
@@ -104,6 +107,31 @@ def test_images_size_each_stage_by_the_training_set_and_its_schedule_follows(tmp
     cfg.stages.pretext.images = 0
     with pytest.raises(ConfigValueError, match="stages.pretext.images=0"):
         check_config(cfg)
+
+
+def test_a_staged_protocol_named_beside_an_experiment_is_refused_not_merged():
+    assert "experiment=cifar10" in mixed_protocol(["seed=1", "protocol=folder"], "cifar10")
+    assert mixed_protocol(["protocol=single"], "scan_mnist") is None  # what the experiments set
+    assert mixed_protocol(["protocol=folder", "data=folder"], None) is None
+    assert mixed_protocol(["data=folder"], "cifar10") is None  # the experiment's own choice
+
+
+def test_the_stage_line_says_how_long_each_stage_trains(tmp_path):
+    for overrides, num_train, pretext in (
+            ([], 50_000, "58 epochs for 2,900,000 images over 50,000)"),
+            ([], 2_000, "500 epochs for 2,900,000 images over 2,000: capped, 1,000,000 images)"),
+            (["debug=fdr"], 256, "fast_dev_run: 1 batch)"),  # not the 500 epochs it will not run
+            (["debug=overfit"], 512, "30 epochs for 2,900,000 images over 512: capped, 15,360 images, "
+                                     "overfit_batches: 1)")):
+        cfg = compose_cfg(tmp_path, ["data=folder", "data.root=/x", *overrides])
+        plan = plan_stages(cfg)
+        size_stages(plan, cfg, num_train)
+        line = stage_line(plan[0], len(plan), cfg.stages.pretext.images, num_train)
+        assert line == f"stage 1 of 2: pretext (contrastive; {pretext}"
+    cpu = compose_cfg(tmp_path, ["experiment=scan_cifar10_cpu", "data.root=/x"])
+    check_config(cpu)  # drops its null selflabel stage
+    plan = plan_stages(cpu)
+    assert stage_line(plan[1], 2, None, 50_000) == "stage 2 of 2: scan (scan; 30 epochs)"
 
 
 @pytest.mark.slow

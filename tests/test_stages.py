@@ -247,16 +247,21 @@ def test_the_runs_max_time_is_shared_by_its_stages(tmp_path):
 
     cfg = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.max_time=00:00:01:00",
                                  "trainer.max_time=00:00:10:00"])
-    pretext, scan, _ = plan_stages(cfg)
+    pretext, scan, selflabel = plan_stages(cfg)
     assert pretext.cfg.trainer.max_time is None and scan.cfg.trainer.max_time == "00:00:01:00"
-    cap_stage_time(pretext, time.monotonic() + 300)  # 5 minutes of the run's 10 are left
-    cap_stage_time(scan, time.monotonic() + 300)  # its own minute is less
+    cap_stage_time(pretext, time.monotonic() + 300, 600, None)  # 5 minutes of the run's 10 are left
+    cap_stage_time(scan, time.monotonic() + 300, 600, None)  # its own minute is less
     assert pretext.cfg.trainer.max_time in ("00:00:04:59", "00:00:05:00")
     assert scan.cfg.trainer.max_time == "00:00:01:00"
+    cap_stage_time(selflabel, time.monotonic() + 600, 600, 0.3)  # its share: 3 of the 10 minutes
+    assert selflabel.cfg.trainer.max_time == "00:00:03:00"
     bad = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.max_time=90min"])
     from mtl_unsup.config import check_config
 
     with pytest.raises(ConfigValueError, match=r"stages.scan.max_time='90min': use DD:HH:MM:SS"):
+        check_config(bad)
+    bad = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.time_share=1.5"])
+    with pytest.raises(ConfigValueError, match=r"stages.scan.time_share=1.5: the largest share"):
         check_config(bad)
 
 
