@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
@@ -126,19 +127,29 @@ def where_to_start(plan: list[Stage], out_dir: Path, resuming: bool, done: dict[
 
 
 def cap_stage_time(stage: Stage, deadline: float | None, budget: float | None,
-                   share: float | None) -> None:
+                   share: float | None, trained: float = 0.0) -> None:
     """A run's ``trainer.max_time`` is the whole run's budget (``budget`` seconds, ending at
     ``deadline``): each stage gets at most what is left of it, at most its own ``max_time`` and at
-    most its ``time_share`` of the budget (so a long first stage leaves the next its time)."""
+    most its ``time_share`` of the budget (so a long first stage leaves the next its time). A stage
+    resumed after ``trained`` seconds has them counted by its Timer already, so its cap adds them."""
     if deadline is None or budget is None:  # no budget: each stage's own max_time alone
         return
-    left = max(1, int(deadline - time.monotonic()))
+    left = max(1, int(deadline - time.monotonic() + trained))
     own = as_timedelta(stage.cfg.trainer.max_time)
     cap = min(left, own.total_seconds()) if own is not None else left
     if share is not None:
         cap = max(1, min(cap, int(share * budget)))
     with open_dict(stage.cfg):
         stage.cfg.trainer.max_time = max_time_string(cap)
+
+
+def trained_seconds(ckpt: Path) -> float:
+    """The training seconds a stage checkpoint's Timer had counted (0 without one): Lightning
+    restores them into the resumed stage's ``max_time``, and the run's budget must count them.
+    The checkpoint was checked when it was adopted."""
+    callbacks = torch.load(ckpt, map_location="cpu", weights_only=True).get("callbacks") or {}
+    timer = next((v for k, v in callbacks.items() if str(k).startswith("Timer")), {})
+    return float(timer.get("time_elapsed", {}).get("train", 0.0))
 
 
 def stage_table(plan: list[Stage], metrics: dict[str, dict[str, float]]) -> str:
@@ -202,12 +213,15 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     write_run_info(out_dir)
     budget = as_timedelta(cfg.trainer.get("max_time"))
     seconds = budget.total_seconds() if budget is not None else None
-    started = time.monotonic() - spent
+    # stages.json counts finished stages; the one resumed inside counts its checkpoint's time
+    trained = trained_seconds(start_from) if inside and seconds is not None else 0.0
+    started = time.monotonic() - spent - trained
     deadline = started + seconds if seconds is not None else None
     last = plan[-1]
     run = Run(datamodule, module, None, None)  # type: ignore[arg-type]
     for stage in plan[first:]:
-        cap_stage_time(stage, deadline, seconds, cfg.stages[stage.name].get("time_share"))
+        cap_stage_time(stage, deadline, seconds, cfg.stages[stage.name].get("time_share"),
+                       trained if inside else 0.0)
         enter_stage(stage, module, datamodule, cfg.seed, fresh=not inside)
         ckpt_dir = out_dir / "checkpoints" / stage.name
         trainer, checkpoint = build_trainer(stage.cfg, ckpt_dir, out_dir / stage.name, stage.refresh)

@@ -255,6 +255,26 @@ def test_the_runs_max_time_is_shared_by_its_stages(tmp_path):
     assert scan.cfg.trainer.max_time == "00:00:01:00"
     cap_stage_time(selflabel, time.monotonic() + 600, 600, 0.3)  # its share: 3 of the 10 minutes
     assert selflabel.cfg.trainer.max_time == "00:00:03:00"
+
+
+def test_a_stage_resumed_inside_counts_the_time_its_checkpoint_had_trained(tmp_path):
+    import time
+
+    from mtl_unsup.staged import cap_stage_time, trained_seconds
+    from mtl_unsup.stages import plan_stages
+
+    timed, untimed = tmp_path / "timed.ckpt", tmp_path / "untimed.ckpt"
+    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 240.0, "validate": 9.0}}}}, timed)
+    torch.save({"callbacks": {}}, untimed)
+    assert trained_seconds(timed) == 240.0 and trained_seconds(untimed) == 0.0
+    cfg = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "trainer.max_time=00:00:10:00"])
+    pretext = plan_stages(cfg)[0]
+    # the run started (in an earlier process) 240 s before now, all of them spent in this stage:
+    # Lightning's Timer restores the 240 s, so the stage's cap is the budget, 600 s, not 360
+    cap_stage_time(pretext, time.monotonic() - 240 + 600, 600, None, trained=240.0)
+    assert pretext.cfg.trainer.max_time in ("00:00:09:59", "00:00:10:00")
+    cap_stage_time(pretext, time.monotonic() - 240 + 600, 600, 0.5, trained=240.0)
+    assert pretext.cfg.trainer.max_time == "00:00:05:00"  # its share counts the Timer's total
     bad = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.max_time=90min"])
     from mtl_unsup.config import check_config
 
@@ -305,12 +325,28 @@ def test_a_stage_set_to_null_is_left_out_and_cannot_be_started_from(tmp_path):
         check_config(start)
 
 
+class Budgets(L.Callback):
+    """The time limit each stage's trainer got, in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_fit_start(self, trainer, module) -> None:
+        from lightning.pytorch.callbacks import Timer
+
+        self.seconds += [c._duration for c in trainer.callbacks if isinstance(c, Timer)]
+
+
 def test_a_staged_run_within_a_time_budget_runs_every_stage(staged, tmp_path):
     root, _, _, _ = staged
     overrides = [*staged_overrides(root), "trainer.max_time={minutes: 10}",
-                 "+stages.scan.max_time=00:00:05:00"]
-    metrics = train(compose_cfg(tmp_path, overrides))
+                 "+stages.scan.max_time=00:00:05:00", "+stages.pretext.time_share=0.25"]
+    budgets = Budgets()
+    metrics = train(compose_cfg(tmp_path, overrides), extra_callbacks=(budgets,))
     assert all(f"{stage}/test/kmeans_acc" in metrics for stage in STAGES)
+    pretext, scan, selflabel = budgets.seconds
+    assert pretext == 150 and scan == 300  # its share of the 10 minutes; its own cap
+    assert 240 < selflabel < 600  # what the run has left
 
 
 @pytest.mark.parametrize(("override", "says"), [
