@@ -84,13 +84,34 @@ def _is_user_mistake(err: BaseException | None) -> bool:
     return composing and not _Progress.task_started
 
 
-def exit_2_on_user_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+# Groups a config's defaults list names in another's choice (train.yaml: ${protocol}_${backbone}):
+# set to null or deleted, Hydra stops with a traceback rather than a message.
+NEEDED_GROUPS = {"train": ("protocol", "backbone")}
+
+
+def removed_group(argv: list[str], groups: tuple[str, ...]) -> str | None:
+    """The message for a command line that sets one of ``groups`` to null or deletes it."""
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name.lstrip("~") in groups and (value == "null" or name.startswith("~")):
+            return (f"error: {arg}: the run needs one of conf/{name.lstrip('~')}/'s options"
+                    + (" (protocol=single trains the listed tasks in one stage)." if "protocol" in name
+                       else "."))
+    return None
+
+
+def exit_2_on_user_errors(main: Callable[..., Any], groups: tuple[str, ...] = ()) -> Callable[..., Any]:
     """Run a command's ``main``; a user's mistake ends with its message and exit status 2."""
 
     @functools.wraps(main)
     def run(*args: Any, **kwargs: Any) -> Any:
         if full_error():
             return main(*args, **kwargs)
+        removed = removed_group(sys.argv[1:], groups)
+        if removed:  # in the form Hydra gives its own messages
+            print(f"{removed}\n\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
+                  file=sys.stderr)
+            raise SystemExit(USAGE_ERROR)
         try:
             return main(*args, **kwargs)
         except SystemExit as done:  # Hydra has printed the message and exits 1
@@ -112,6 +133,7 @@ def hydra_command(config_name: str) -> Callable[[TaskFunction], Callable[..., An
     def decorate(task: TaskFunction) -> Callable[..., Any]:
         quiet_third_party()
         hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
-        return exit_2_on_user_errors(hydra_main(_reporting_user_errors(task)))
+        return exit_2_on_user_errors(hydra_main(_reporting_user_errors(task)),
+                                     NEEDED_GROUPS.get(config_name, ()))
 
     return decorate

@@ -48,7 +48,7 @@ def mixed_protocol(overrides: list[str], experiment: str | None) -> str | None:
     describes; an experiment sets its protocol itself."""
     named = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == "protocol"),
                  None)
-    if named in (None, "single", "null") or experiment in (None, "null"):
+    if named in (None, "single") or experiment in (None, "null"):
         return None
     return (f"protocol={named} with experiment={experiment}: the experiment sets how its tasks "
             f"train, and the two would be merged into a recipe neither describes. Run the experiment "

@@ -49,6 +49,7 @@ CASES = {
     "protocol_beside_an_experiment": (
         "train", ["experiment=scan_cifar10_cpu", "data.root={shapes}", "protocol=folder"],
         "protocol=folder with experiment=scan_cifar10_cpu"),
+    "group_set_to_null": ("train", ["backbone=null"], "backbone=null: the run needs one of"),
     "missing_ckpt": ("predict", ["ckpt={out}/none.ckpt", "data.root={shapes}"], "{out}/none.ckpt"),
 }
 

@@ -1,12 +1,15 @@
 """What `data=folder` trains by default: the staged protocol of conf/protocol/folder.yaml, sized
 by the folder's training images; `protocol=single` and every other data option train one stage."""
 
+from pathlib import Path
+
 import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from mtl_unsup.config import ConfigValueError, check_config
+from mtl_unsup.cli import NEEDED_GROUPS, removed_group
+from mtl_unsup.config import CONF_DIR, ConfigValueError, check_config
 from mtl_unsup.stage_checks import mixed_protocol, replaced_overrides
 from mtl_unsup.staged import stage_line
 from mtl_unsup.stages import drop_unstaged_tasks, plan_stages, size_stages
@@ -60,6 +63,11 @@ def test_a_folder_gets_the_staged_protocol_other_data_and_protocol_single_one_st
     assert cpu.protocol_name is None and drop_unstaged_tasks(cpu) == ["selflabel"]  # its stage is null
     one = compose_cfg(tmp_path, ["experiment=cifar10", "data.root=/x"])
     assert one.stages is None and "scan" in listed(one)
+    # every experiment keeps its own recipe when pointed at a folder (as the peers benchmark does)
+    for experiment in sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")):
+        cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "data=folder", "data.root=/x"])
+        assert cfg.protocol_name is None, experiment
+        assert not any("images" in (s or {}) for s in (cfg.stages or {}).values()), experiment
 
 
 def test_a_task_list_without_the_protocols_tasks_gets_one_message_naming_the_fix(tmp_path):
@@ -114,6 +122,9 @@ def test_a_staged_protocol_named_beside_an_experiment_is_refused_not_merged():
     assert mixed_protocol(["protocol=single"], "scan_mnist") is None  # what the experiments set
     assert mixed_protocol(["protocol=folder", "data=folder"], None) is None
     assert mixed_protocol(["data=folder"], "cifar10") is None  # the experiment's own choice
+    for removed in ("protocol=null", "~protocol"):  # Hydra would stop with a traceback
+        assert "protocol=single" in removed_group(["seed=1", removed], NEEDED_GROUPS["train"])
+    assert removed_group(["protocol=single", "backbone.widths=null"], NEEDED_GROUPS["train"]) is None
 
 
 def test_the_stage_line_says_how_long_each_stage_trains(tmp_path):
