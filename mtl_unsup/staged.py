@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
@@ -26,6 +25,7 @@ from mtl_unsup.build import Run, build_model, build_trainer, check_selection, fi
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
 from mtl_unsup.history import HISTORY
+from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.results import format_table, write_results, write_run_info
 from mtl_unsup.schedule import check_schedule
@@ -143,11 +143,10 @@ def cap_stage_time(stage: Stage, deadline: float | None, budget: float | None,
         stage.cfg.trainer.max_time = max_time_string(cap)
 
 
-def trained_seconds(ckpt: Path) -> float:
+def trained_seconds(ckpt: dict) -> float:
     """The training seconds a stage checkpoint's Timer had counted (0 without one): Lightning
-    restores them into the resumed stage's ``max_time``, and the run's budget must count them.
-    The checkpoint was checked when it was adopted."""
-    callbacks = torch.load(ckpt, map_location="cpu", weights_only=True).get("callbacks") or {}
+    restores them into the resumed stage's ``max_time``, and the run's budget must count them."""
+    callbacks = ckpt.get("callbacks") or {}
     timer = next((v for k, v in callbacks.items() if str(k).startswith("Timer")), {})
     return float(timer.get("time_elapsed", {}).get("train", 0.0))
 
@@ -205,16 +204,17 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     probe = Run(datamodule, module, None, None)  # type: ignore[arg-type]
     done, spent = read_progress(out_dir) if resuming else ({}, 0.0)
     first, start_from = where_to_start(plan, out_dir, resuming, done, cfg.get("start_stage"))
+    inside = start_from is not None and start_from.parent.name == plan[min(first, len(plan) - 1)].name
+    trained = 0.0  # stages.json counts finished stages; the one resumed inside, its checkpoint's time
     if ckpt_path and not resuming:
         adopt_checkpoint(ckpt_path, False, probe)
     elif start_from is not None:  # checks that the run's images are these
-        adopt_checkpoint(str(start_from), True, probe)
-    inside = start_from is not None and start_from.parent.name == plan[min(first, len(plan) - 1)].name
+        ckpt = load_checkpoint(start_from, key="ckpt_path")
+        adopt_checkpoint(str(start_from), True, probe, ckpt)
+        trained = trained_seconds(ckpt) if inside else 0.0
     write_run_info(out_dir)
     budget = as_timedelta(cfg.trainer.get("max_time"))
     seconds = budget.total_seconds() if budget is not None else None
-    # stages.json counts finished stages; the one resumed inside counts its checkpoint's time
-    trained = trained_seconds(start_from) if inside and seconds is not None else 0.0
     started = time.monotonic() - spent - trained
     deadline = started + seconds if seconds is not None else None
     last = plan[-1]

@@ -47,15 +47,17 @@ register_configs()
 lightning_prints_once()
 
 
-def adopt_checkpoint(ckpt_path: str, resuming: bool, run: Run) -> str | None:
+def adopt_checkpoint(ckpt_path: str, resuming: bool, run: Run, ckpt: dict | None = None) -> str | None:
     """Check a checkpoint against this run; returns what ``fit`` resumes from (None: nothing).
+    ``ckpt``: the file's contents where the caller has read them already.
 
     Resuming continues the whole training state, and must be on the images the pseudo-labels
     belong to: on other images it stops, naming both folders. A new run from a checkpoint
     (``ckpt_path=`` without resuming) takes its weights only and starts at epoch 0; on other
     images it also drops the clustering, and clusters the new images afresh.
     """
-    ckpt = load_checkpoint(ckpt_path, key="ckpt_path")  # not an mtl-unsup checkpoint: stop here
+    if ckpt is None:
+        ckpt = load_checkpoint(ckpt_path, key="ckpt_path")  # not an mtl-unsup checkpoint: stop here
     state, datamodule = ckpt.get("cluster_state"), run.datamodule
     saved = (state or {}).get("fingerprint") or ""
     same = not state or (saved == datamodule.fingerprint if saved

@@ -90,21 +90,28 @@ def run_script(out: Path, kill_step: int, root: Path, *extra: str, **env: str) -
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+BUDGET = "trainer.max_time=00:01:00:00"  # never reached: the stages' Timers are saved and resumed
+
+
 @pytest.mark.slow
 def test_sigkill_inside_stage_two_then_resume_matches_an_uninterrupted_run(staged, tmp_path):
     root, whole, _, _ = staged
     uninterrupted = run_script(tmp_path / "whole", 0, root, "trainer.deterministic=true",
-                               "checkpoint.every_n_train_steps=3")
+                               "checkpoint.every_n_train_steps=3", BUDGET)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     killed_dir = tmp_path / "killed"
     # scan stage: 42 images in batches of 8 = 5 steps an epoch; last.ckpt at step 6, killed at 7
-    killed = run_script(killed_dir, 7, root, "trainer.deterministic=true", "checkpoint.every_n_train_steps=3")
+    killed = run_script(killed_dir, 7, root, "trainer.deterministic=true", "checkpoint.every_n_train_steps=3",
+                        BUDGET)
     assert killed.returncode == -signal.SIGKILL
     ckpt = torch.load(killed_dir / "checkpoints" / "scan" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1  # mid-epoch, inside the scan stage
     assert list(json.loads((killed_dir / "stages.json").read_text())["done"]) == ["pretext"]
+    from mtl_unsup.staged import trained_seconds
+
+    assert trained_seconds(ckpt) > 0  # Lightning's Timer state, as the run's budget reads it
     resumed = run_script(killed_dir, 0, root, "trainer.deterministic=true",
-                         "checkpoint.every_n_train_steps=3", "resume=true")
+                         "checkpoint.every_n_train_steps=3", BUDGET, "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "stage 1 of 3: pretext (" not in resumed.stdout + resumed.stderr  # not trained again
     ends = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "killed")}
@@ -263,10 +270,8 @@ def test_a_stage_resumed_inside_counts_the_time_its_checkpoint_had_trained(tmp_p
     from mtl_unsup.staged import cap_stage_time, trained_seconds
     from mtl_unsup.stages import plan_stages
 
-    timed, untimed = tmp_path / "timed.ckpt", tmp_path / "untimed.ckpt"
-    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 240.0, "validate": 9.0}}}}, timed)
-    torch.save({"callbacks": {}}, untimed)
-    assert trained_seconds(timed) == 240.0 and trained_seconds(untimed) == 0.0
+    timed = {"callbacks": {"Timer": {"time_elapsed": {"train": 240.0, "validate": 9.0}}}}
+    assert trained_seconds(timed) == 240.0 and trained_seconds({"callbacks": {}}) == 0.0
     cfg = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "trainer.max_time=00:00:10:00"])
     pretext = plan_stages(cfg)[0]
     # the run started (in an earlier process) 240 s before now, all of them spent in this stage:
