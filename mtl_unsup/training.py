@@ -76,7 +76,8 @@ def adopt_checkpoint(ckpt_path: str, resuming: bool, run: Run, ckpt: dict | None
         rank_zero_only(log.warning)("%s: its weights are used, its clustering is not; the new "
                                     "images are clustered afresh.", what)
         run.module.ignore_checkpoint_clustering = True
-    run.module.load_weights(ckpt, f"ckpt_path={ckpt_path!r}")  # another model stops here
+    # another model stops here; a new run may add tasks or leave some out
+    run.module.load_weights(ckpt, f"ckpt_path={ckpt_path!r}", other_tasks=not resuming)
     return ckpt_path if resuming else None
 
 

@@ -136,6 +136,38 @@ def test_a_later_stage_starts_from_another_runs_stage_checkpoint(staged, tmp_pat
     assert torch.equal(mined[0]["neighbours"], mined[1]["neighbours"])
 
 
+@pytest.mark.parametrize("plan", [
+    # the new plan's last stage adds a task the checkpoint's run never had: it starts afresh
+    ["task=[contrastive,scan,selflabel,rotation]", "+stages.selflabel.tasks.rotation={}"],
+    # the new plan lacks a task the checkpoint holds (SCAN mines in the features): left out
+    ["task=[scan,selflabel]", "task.scan.space=features", "stages.pretext=null"],
+])
+def test_a_stage_starts_from_a_checkpoint_of_other_tasks(staged, tmp_path, plan, caplog):
+    root, run, _, _ = staged
+    scan = run / "checkpoints" / "scan" / "last.ckpt"
+    start = ["start_stage=selflabel", f"ckpt_path={scan}"]
+    with caplog.at_level("INFO", logger="mtl_unsup.models.module"):
+        metrics = train(compose_cfg(tmp_path / "run", [*staged_overrides(root), *plan, *start]))
+    assert "selflabel/test/acc" in metrics
+    said = "has no weights of task(s) rotation" if "rotation" in plan[0] else "task(s) contrastive are not"
+    assert said in caplog.text
+    ours = torch.load(tmp_path / "run" / "checkpoints" / "selflabel" / "last.ckpt", weights_only=True)
+    theirs = torch.load(scan, weights_only=True)
+    # refresh=never: the stage trains on the neighbours the checkpoint's run mined
+    assert torch.equal(ours["task_states"]["scan"]["neighbours"], theirs["task_states"]["scan"]["neighbours"])
+
+
+def test_a_task_both_hold_must_still_fit(staged, tmp_path):
+    from mtl_unsup.errors import CheckpointError
+
+    root, run, _, _ = staged
+    scan = run / "checkpoints" / "scan" / "last.ckpt"
+    cfg = compose_cfg(tmp_path / "run", [*staged_overrides(root), "task.scan.num_heads=3",
+                                         "start_stage=selflabel", f"ckpt_path={scan}"])
+    with pytest.raises(CheckpointError, match=r"does not fit this model.*tasks\.scan\.heads\.2"):
+        train(cfg)
+
+
 def test_no_stage_reads_labels(staged, tmp_path, monkeypatch):
     root, _, _, _ = staged
     overrides = [*staged_overrides(root), "trainer.deterministic=true"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import logging
+
 import lightning as L
 import numpy as np
 import torch
@@ -19,6 +21,8 @@ from mtl_unsup.errors import CheckpointError, NonFiniteLossError
 from mtl_unsup.models.evaluation import SplitRecorder, score_split
 from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch, latest_stage
+
+log = logging.getLogger(__name__)
 
 
 class PlainView(nn.Module):
@@ -459,18 +463,45 @@ class MultiTaskModule(L.LightningModule):
         # continue their streams exactly where the interrupted one stood.
         checkpoint["rng_states"] = collect_rng_states()
 
-    def load_weights(self, checkpoint: dict[str, Any], where: str = "the checkpoint") -> None:
+    def load_weights(self, checkpoint: dict[str, Any], where: str = "the checkpoint",
+                     other_tasks: bool = False) -> None:
         """Weights and clustering of a checkpoint, not its optimizer, epoch or RNG states: for a
-        new run from a checkpoint, and for prediction."""
+        new run from a checkpoint, and for prediction. ``other_tasks``: the checkpoint may lack
+        whole tasks of this model (they start from their own initialisation) or hold tasks it
+        lacks (left out), as a stage started from another run's checkpoint that trained other
+        tasks; the backbone and every task both have must still fit."""
+        state, fresh = checkpoint["state_dict"], ()
+        if other_tasks:
+            state, fresh = self._shared_tasks(state, where)
         try:
-            self.load_state_dict(checkpoint["state_dict"])
+            result = self.load_state_dict(state, strict=not fresh)
+            missing = [k for k in result.missing_keys if k.split(".")[:2] not in
+                       (["tasks", name] for name in fresh)]
+            if missing or result.unexpected_keys:  # only the fresh tasks may be missing
+                raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys "
+                                   f"{result.unexpected_keys[:3]}.")
         except RuntimeError as err:
             made_by = checkpoint.get("mtl_version", "an older mtl-unsup")
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            detail = lines[-1] if len(lines) < 2 else lines[1]  # torch's first line names no key
+            detail = detail if len(detail) <= 240 else detail[:237] + "..."
             raise CheckpointError(
                 f"{where} does not fit this model (written by {made_by}; backbone, tasks or k "
-                f"differ): {str(err).splitlines()[0]} Use a checkpoint of the same model and "
-                "version, or train a new one.") from None
+                f"differ): {detail} Use a checkpoint of the same model and version, or train a "
+                "new one.") from None
         self._adopt_clustering(checkpoint)
+
+    def _shared_tasks(self, state: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+        """``state`` without the tasks this model lacks, and this model's tasks it lacks."""
+        held = {k.split(".")[1] for k in state if k.startswith("tasks.")}
+        extra, fresh = sorted(held - set(self.tasks)), sorted(set(self.tasks) - held)
+        if fresh:
+            log.info("%s has no weights of task(s) %s: they start from their own initialisation.",
+                     where, ", ".join(fresh))
+        if extra:
+            log.info("%s: its task(s) %s are not in this run: left out.", where, ", ".join(extra))
+        return {k: v for k, v in state.items() if not k.startswith("tasks.")
+                or k.split(".")[1] not in extra}, fresh
 
     def _adopt_clustering(self, checkpoint: dict[str, Any]) -> None:
         if not self.ignore_checkpoint_clustering:
