@@ -318,9 +318,21 @@ def test_every_benchmark_recipe_composes_on_every_experiment(tmp_path, data):
 
     base = base_overrides(data, "/nowhere")
     for name in RECIPES:
-        cfg = compose_cfg(tmp_path, [*base, *recipe_overrides(name, base)])
+        if name == "staged" and data == "digits":  # no scan_digits: the benchmark refuses it
+            continue
+        cfg = compose_cfg(tmp_path, recipe_overrides(name, base))
         check_config(cfg)  # no stray settings of a task the recipe leaves out
-        assert ("scan" in cfg.task) == (name == "scan")
+        assert ("scan" in cfg.task) == (name in ("scan", "staged"))
+        # the staged recipe trains the data's staged protocol, the others one stage
+        assert bool(cfg.get("stages")) == (name == "staged")
+
+
+def test_the_staged_recipe_is_refused_where_the_data_has_no_staged_protocol(tmp_path):
+    from mtl_unsup.benchmarks.recipes import main
+
+    with pytest.raises(SystemExit, match=r"digits has no staged protocol"):
+        main(["--data", "digits", "--recipes", "scan", "staged", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # refused before anything ran or was written
 
 
 @pytest.mark.parametrize(("names", "source"), [
