@@ -103,7 +103,8 @@ def enter_stage(stage: Stage, module: MultiTaskModule, datamodule, seed: int, fr
         if stage.refresh == "never" and name not in module.targets.states:
             raise ConfigValueError(
                 f"stages.{stage.name} trains task {name} with refresh=never, but no earlier stage "
-                f"made its targets. Use refresh=once (targets from the previous stage's model) or "
+                f"(nor the checkpoint it started from) made its targets. Use refresh=once (targets from "
+                "the previous stage's model) or "
                 "train the task in an earlier stage.")
         if stage.refresh != "never":
             module.targets.mark_due(name)

@@ -335,6 +335,17 @@ def test_the_staged_recipe_is_refused_where_the_data_has_no_staged_protocol(tmp_
     assert not list(tmp_path.iterdir())  # refused before anything ran or was written
 
 
+def test_the_staged_recipe_runs_only_when_named_and_is_checked_before_any_run(tmp_path):
+    from mtl_unsup.benchmarks.recipes import RECIPES, main, parse_args
+
+    assert parse_args(["--data", "digits"]).recipes == [r for r in RECIPES if r != "staged"]
+    # an extra override every stage replaces would fail the staged run only after the others
+    with pytest.raises(SystemExit, match=r"--recipes staged: trainer.max_epochs=45: every stage"):
+        main(["--data", "mnist", "--root", "/nowhere", "--recipes", "scan", "staged", "--out", str(tmp_path),
+              "trainer.max_epochs=45"])
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(("names", "source"), [
     (("cluster", "rotation"), "cluster"),  # no scan task: the run's answer head self-labels
     (("cluster", "scan"), "scan"),

@@ -4,9 +4,9 @@
 held-out images exactly as a training run of ``experiment=<data>`` splits them, clusters the
 pixels (k-means; UMAP + k-means), then trains each recipe (one ``mtl_unsup.train`` process per
 recipe and seed) and writes one table, ``<out>/<data>.md``, and every run's row, ``<out>/<data>.csv``.
-``--recipes staged`` trains the data's staged protocol (``experiment=scan_<data>``) beside the
-one-stage recipes. Held-out (``test/``) ACC, NMI and ARI are ground truth, reported only; each recipe's answer is chosen
-without labels. ``--data digits`` needs no folder (scikit-learn's bundled digits).
+``--recipes ... staged`` also trains the data's staged protocol (``experiment=scan_<data>``, not
+run unless named). Held-out (``test/``) ACC, NMI and ARI are ground truth, reported only; each
+recipe's answer is chosen without labels. ``--data digits`` needs no folder (scikit-learn's bundled digits).
 
 UMAP needs ``pip install 'mtl-unsup[bench]'`` (umap-learn); without it that row is skipped, saying so.
 """
@@ -132,13 +132,33 @@ def train_recipe(name: str, overrides: list[str], seed: int, run_dir: Path) -> d
         print(f"{name} seed {seed} failed; see {run_dir}.log", flush=True)
         return {"method": name, "seed": seed, "minutes": minutes, "failed": True}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():  # stages: the last stage's
-        last = run_dir / "checkpoints" / [*json.loads((run_dir / "stages.json").read_text())["done"]][-1] / last.name
-    answer = torch.load(last, weights_only=True).get("answer", "")
+    answer = torch.load(final_checkpoint(run_dir), weights_only=True).get("answer", "")
     return {"method": name, "seed": seed, "minutes": minutes, "answer": answer,
             **{m: metrics.get(f"test/{m}") for m in ("acc", "nmi", "ari", "kmeans_acc")},
             "val_silhouette": metrics.get("val/silhouette")}
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The run's last checkpoint: ``checkpoints/last.ckpt``, or with stages the last stage's."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    done = json.loads((run_dir / "stages.json").read_text())["done"]
+    return run_dir / "checkpoints" / list(done)[-1] / "last.ckpt"
+
+
+def check_staged(overrides: list[str]) -> None:
+    """The staged recipe's config checked before anything trains: an extra override it refuses
+    (``trainer.max_epochs``, which each stage replaces) stops here, not hours later."""
+    from mtl_unsup.config import check_config
+    from mtl_unsup.stage_checks import replaced_overrides
+
+    staged = recipe_overrides("staged", overrides)
+    cfg = compose_train(staged)
+    check_config(cfg)
+    problems = replaced_overrides(cfg, staged)
+    if problems:
+        raise SystemExit("--recipes staged: " + " ".join(problems))
 
 
 def summarise(rows: list[dict]) -> list[str]:
@@ -160,22 +180,29 @@ def summarise(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", choices=DATA, required=True)
     parser.add_argument("--root", help="folder with train/ and test/ (not for digits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--recipes", nargs="*", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", choices=list(RECIPES),
+                        default=[r for r in RECIPES if r != "staged"])
     parser.add_argument("--no-baselines", action="store_true", help="skip the pixel baselines")
     parser.add_argument("--out", type=Path, default=Path("experiments/recipes"))
     parser.add_argument("overrides", nargs="*", help="extra train overrides for every recipe")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     # the code measured is the code at the start (a commit made during a long run is not in it)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
     if "staged" in args.recipes and args.data == "digits":
         raise SystemExit("--recipes staged: digits has no staged protocol (experiment=scan_digits); "
                          "leave it out for --data digits.")
     overrides = [*base_overrides(args.data, args.root), *args.overrides]
+    if "staged" in args.recipes:
+        check_staged(overrides)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     if not args.no_baselines:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import logging
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 import mtl_unsup
@@ -23,6 +23,7 @@ from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.tasks.base import Task, TaskBatch, latest_stage
 
 log = logging.getLogger(__name__)
+
 
 
 class PlainView(nn.Module):
@@ -470,38 +471,43 @@ class MultiTaskModule(L.LightningModule):
         whole tasks of this model (they start from their own initialisation) or hold tasks it
         lacks (left out), as a stage started from another run's checkpoint that trained other
         tasks; the backbone and every task both have must still fit."""
-        state, fresh = checkpoint["state_dict"], ()
+        state, fresh, extra = checkpoint["state_dict"], [], []
         if other_tasks:
-            state, fresh = self._shared_tasks(state, where)
+            state, fresh, extra = self._shared_tasks(state)
         try:
             result = self.load_state_dict(state, strict=not fresh)
             missing = [k for k in result.missing_keys if k.split(".")[:2] not in
                        (["tasks", name] for name in fresh)]
             if missing or result.unexpected_keys:  # only the fresh tasks may be missing
-                raise RuntimeError(f"missing keys {missing[:3]}, unexpected keys "
-                                   f"{result.unexpected_keys[:3]}.")
+                raise RuntimeError("\n" + "; ".join(
+                    f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for keys, what in
+                    ((missing, "missing"), (result.unexpected_keys, "unexpected")) if keys))
         except RuntimeError as err:
             made_by = checkpoint.get("mtl_version", "an older mtl-unsup")
+            # torch's first line names no key; the lines after it do
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            detail = lines[-1] if len(lines) < 2 else lines[1]  # torch's first line names no key
-            detail = detail if len(detail) <= 240 else detail[:237] + "..."
+            detail = "; ".join(lines[1:] or lines)
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
             raise CheckpointError(
                 f"{where} does not fit this model (written by {made_by}; backbone, tasks or k "
                 f"differ): {detail} Use a checkpoint of the same model and version, or train a "
                 "new one.") from None
+        if fresh:
+            rank_zero_only(log.info)("%s has no weights of task(s) %s: they start from their own "
+                                     "initialisation.", where, ", ".join(fresh))
+        if extra:
+            rank_zero_only(log.info)("%s: its task(s) %s are not in this run: left out.", where,
+                                     ", ".join(extra))
         self._adopt_clustering(checkpoint)
 
-    def _shared_tasks(self, state: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
-        """``state`` without the tasks this model lacks, and this model's tasks it lacks."""
+    def _shared_tasks(self, state: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+        """``state`` without the tasks this model lacks; this model's tasks (those with weights)
+        that it lacks; the tasks it holds that this model lacks."""
         held = {k.split(".")[1] for k in state if k.startswith("tasks.")}
-        extra, fresh = sorted(held - set(self.tasks)), sorted(set(self.tasks) - held)
-        if fresh:
-            log.info("%s has no weights of task(s) %s: they start from their own initialisation.",
-                     where, ", ".join(fresh))
-        if extra:
-            log.info("%s: its task(s) %s are not in this run: left out.", where, ", ".join(extra))
-        return {k: v for k, v in state.items() if not k.startswith("tasks.")
-                or k.split(".")[1] not in extra}, fresh
+        weighted = {k.split(".")[1] for k in self.state_dict() if k.startswith("tasks.")}
+        extra, fresh = sorted(held - set(self.tasks)), sorted(weighted - held)
+        kept = {k: v for k, v in state.items() if not k.startswith("tasks.") or k.split(".")[1] not in extra}
+        return kept, fresh, extra
 
     def _adopt_clustering(self, checkpoint: dict[str, Any]) -> None:
         if not self.ignore_checkpoint_clustering:
