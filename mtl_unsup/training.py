@@ -53,8 +53,9 @@ def adopt_checkpoint(ckpt_path: str, resuming: bool, run: Run, ckpt: dict | None
 
     Resuming continues the whole training state, and must be on the images the pseudo-labels
     belong to: on other images it stops, naming both folders. A new run from a checkpoint
-    (``ckpt_path=`` without resuming) takes its weights only and starts at epoch 0; on other
-    images it also drops the clustering, and clusters the new images afresh.
+    (``ckpt_path=`` without resuming) takes its weights only and starts at epoch 0, and may
+    train other tasks than the checkpoint's; on other images it also drops the clustering, and
+    clusters the new images afresh.
     """
     if ckpt is None:
         ckpt = load_checkpoint(ckpt_path, key="ckpt_path")  # not an mtl-unsup checkpoint: stop here
