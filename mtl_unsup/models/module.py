@@ -25,7 +25,6 @@ from mtl_unsup.tasks.base import Task, TaskBatch, latest_stage
 log = logging.getLogger(__name__)
 
 
-
 class PlainView(nn.Module):
     """The ``plain`` view: the image as it is (cached feature rows: their plain slot). SCAN's
     self-labels come from it; a ``plain`` entry of ``data.augmentations`` replaces it."""
