@@ -127,15 +127,16 @@ def where_to_start(plan: list[Stage], out_dir: Path, resuming: bool, done: dict[
     return first, own if own.is_file() else before if before is not None and before.is_file() else None
 
 
-def cap_stage_time(stage: Stage, deadline: float | None, budget: float | None,
+def cap_stage_time(stage: Stage, started: float, budget: float | None,
                    share: float | None, trained: float = 0.0) -> None:
-    """A run's ``trainer.max_time`` is the whole run's budget (``budget`` seconds, ending at
-    ``deadline``): each stage gets at most what is left of it, at most its own ``max_time`` and at
-    most its ``time_share`` of the budget (so a long first stage leaves the next its time). A stage
-    resumed after ``trained`` seconds has them counted by its Timer already, so its cap adds them."""
-    if deadline is None or budget is None:  # no budget: each stage's own max_time alone
+    """A run's ``trainer.max_time`` is the whole run's budget (``budget`` seconds from ``started``,
+    a ``time.monotonic()`` reading): each stage gets at most what is left of it, at most its own
+    ``max_time`` and at most its ``time_share`` of the budget (so a long first stage leaves the
+    next its time). A stage resumed after ``trained`` seconds has them counted by its Timer
+    already, so its cap adds them."""
+    if budget is None:  # no budget: each stage's own max_time alone
         return
-    left = max(1, int(deadline - time.monotonic() + trained))
+    left = max(1, int(started + budget - time.monotonic() + trained))
     own = as_timedelta(stage.cfg.trainer.max_time)
     cap = min(left, own.total_seconds()) if own is not None else left
     if share is not None:
@@ -217,11 +218,10 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     budget = as_timedelta(cfg.trainer.get("max_time"))
     seconds = budget.total_seconds() if budget is not None else None
     started = time.monotonic() - spent - trained
-    deadline = started + seconds if seconds is not None else None
     last = plan[-1]
     run = Run(datamodule, module, None, None)  # type: ignore[arg-type]
     for stage in plan[first:]:
-        cap_stage_time(stage, deadline, seconds, cfg.stages[stage.name].get("time_share"),
+        cap_stage_time(stage, started, seconds, cfg.stages[stage.name].get("time_share"),
                        trained if inside else 0.0)
         enter_stage(stage, module, datamodule, cfg.seed, fresh=not inside)
         ckpt_dir = out_dir / "checkpoints" / stage.name

@@ -372,3 +372,16 @@ def test_self_labelling_without_a_clustering_head_says_what_to_add():
         task.build(16, 3)
     with pytest.raises(ValueError, match=r"no task of this run has one: add one"):
         tasks["selflabel"].bind(tasks)
+
+
+def test_a_staged_runs_answer_is_read_from_its_last_stages_checkpoint(tmp_path):
+    import json
+
+    from mtl_unsup.benchmarks.recipes import final_checkpoint
+
+    (tmp_path / "stages.json").write_text(json.dumps({"done": {"pretext": {}, "scan": {}}, "seconds": 1.0}))
+    assert final_checkpoint(tmp_path) == tmp_path / "checkpoints" / "scan" / "last.ckpt"
+    one_stage = tmp_path / "checkpoints" / "last.ckpt"
+    one_stage.parent.mkdir()
+    one_stage.write_bytes(b"")
+    assert final_checkpoint(tmp_path) == one_stage

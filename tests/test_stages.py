@@ -309,11 +309,11 @@ def test_the_runs_max_time_is_shared_by_its_stages(tmp_path):
                                  "trainer.max_time=00:00:10:00"])
     pretext, scan, selflabel = plan_stages(cfg)
     assert pretext.cfg.trainer.max_time is None and scan.cfg.trainer.max_time == "00:00:01:00"
-    cap_stage_time(pretext, time.monotonic() + 300, 600, None)  # 5 minutes of the run's 10 are left
-    cap_stage_time(scan, time.monotonic() + 300, 600, None)  # its own minute is less
+    cap_stage_time(pretext, time.monotonic() - 300, 600, None)  # 5 minutes of the run's 10 are left
+    cap_stage_time(scan, time.monotonic() - 300, 600, None)  # its own minute is less
     assert pretext.cfg.trainer.max_time in ("00:00:04:59", "00:00:05:00")
     assert scan.cfg.trainer.max_time == "00:00:01:00"
-    cap_stage_time(selflabel, time.monotonic() + 600, 600, 0.3)  # its share: 3 of the 10 minutes
+    cap_stage_time(selflabel, time.monotonic(), 600, 0.3)  # its share: 3 of the 10 minutes
     assert selflabel.cfg.trainer.max_time == "00:00:03:00"
 
 
@@ -329,9 +329,9 @@ def test_a_stage_resumed_inside_counts_the_time_its_checkpoint_had_trained(tmp_p
     pretext = plan_stages(cfg)[0]
     # the run started (in an earlier process) 240 s before now, all of them spent in this stage:
     # Lightning's Timer restores the 240 s, so the stage's cap is the budget, 600 s, not 360
-    cap_stage_time(pretext, time.monotonic() - 240 + 600, 600, None, trained=240.0)
+    cap_stage_time(pretext, time.monotonic() - 240, 600, None, trained=240.0)
     assert pretext.cfg.trainer.max_time in ("00:00:09:59", "00:00:10:00")
-    cap_stage_time(pretext, time.monotonic() - 240 + 600, 600, 0.5, trained=240.0)
+    cap_stage_time(pretext, time.monotonic() - 240, 600, 0.5, trained=240.0)
     assert pretext.cfg.trainer.max_time == "00:00:05:00"  # its share counts the Timer's total
     bad = compose_cfg(tmp_path, [*staged_overrides(tmp_path), "+stages.scan.max_time=90min"])
     from mtl_unsup.config import check_config

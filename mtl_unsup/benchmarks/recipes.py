@@ -143,7 +143,9 @@ def final_checkpoint(run_dir: Path) -> Path:
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
-    done = json.loads((run_dir / "stages.json").read_text())["done"]
+    from mtl_unsup.staged import read_progress
+
+    done, _ = read_progress(run_dir)
     return run_dir / "checkpoints" / list(done)[-1] / "last.ckpt"
 
 

@@ -478,7 +478,7 @@ class MultiTaskModule(L.LightningModule):
             missing = [k for k in result.missing_keys if k.split(".")[:2] not in
                        (["tasks", name] for name in fresh)]
             if missing or result.unexpected_keys:  # only the fresh tasks may be missing
-                raise RuntimeError("\n" + "; ".join(
+                raise RuntimeError("; ".join(
                     f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for keys, what in
                     ((missing, "missing"), (result.unexpected_keys, "unexpected")) if keys))
         except RuntimeError as err:
