@@ -248,10 +248,14 @@ def build_model(cfg: DictConfig, staged: bool = False) -> tuple[ImageFolderDataM
 
 
 def build_trainer(cfg: DictConfig, ckpt_dir: Path | None = None, history_dir: Path | None = None,
-                  refresh: str = "every") -> tuple[L.Trainer, ModelCheckpoint]:
+                  refresh: str = "every",
+                  progress_bar: L.Callback | None = None) -> tuple[L.Trainer, ModelCheckpoint]:
     """The trainer with its callbacks and loggers; checkpoints into ``ckpt_dir`` and the epoch
-    history into ``history_dir`` (by default the run directory's)."""
+    history into ``history_dir`` (by default the run directory's); ``progress_bar`` in place of
+    Lightning's own."""
     callbacks, checkpoint = build_callbacks(cfg, ckpt_dir, refresh)
+    if progress_bar is not None:
+        callbacks.append(progress_bar)
     callbacks += [EpochHistory(history_dir or cfg.paths.output_dir), *build_extra_callbacks(cfg)]
     if cfg.get("pictures_every_n_epochs"):  # a stage's (history_dir: <run>/<stage>) are named after it
         tag = Path(history_dir).name if history_dir is not None else ""

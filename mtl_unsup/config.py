@@ -223,6 +223,8 @@ class TrainConfig:
     # also every n epochs of training: the cluster grid and confusion, to pictures/epochs/ and the loggers
     pictures_every_n_epochs: int = 0
     report: bool = True
+    # probe each stage's cost first and print the run's estimated duration (a budget always does)
+    estimate: bool = True
     channels_last: bool = True
     optimized_metric: str | None = "val/silhouette"
     # A run as named stages, each with its tasks, epochs, optimiser, ... (mtl_unsup/stages.py);

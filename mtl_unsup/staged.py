@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from mtl_unsup.atomic import write_text
+from mtl_unsup.budget import run_seconds
 from mtl_unsup.build import Run, build_model, build_trainer, check_selection, fill_input_settings
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
@@ -28,13 +29,14 @@ from mtl_unsup.history import HISTORY
 from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import MultiTaskModule
 from mtl_unsup.results import format_table, write_results, write_run_info
+from mtl_unsup.run_plan import TimeLeftBar, plan_run, shows_progress
 from mtl_unsup.schedule import check_schedule
 from mtl_unsup.stages import (
     Stage,
     as_timedelta,
     drop_unstaged_tasks,
     max_time_string,
-    plan_stages,
+    run_stages,
     size_stages,
 )
 from mtl_unsup.training import adopt_checkpoint, fit_and_test
@@ -128,14 +130,17 @@ def where_to_start(plan: list[Stage], out_dir: Path, resuming: bool, done: dict[
 
 
 def cap_stage_time(stage: Stage, started: float, budget: float | None,
-                   share: float | None, trained: float = 0.0) -> None:
+                   share: float | None, trained: float = 0.0, planned: bool = False) -> None:
     """A run's ``trainer.max_time`` is the whole run's budget (``budget`` seconds from ``started``,
     a ``time.monotonic()`` reading): each stage gets at most what is left of it, at most its own
     ``max_time`` and at most its ``time_share`` of the budget (so a long first stage leaves the
     next its time). A stage resumed after ``trained`` seconds has them counted by its Timer
-    already, so its cap adds them."""
+    already, so its cap adds them. A ``planned`` run's stages are sized to end in time: the cap
+    is only the run's budget, a guard against a plan gone wrong, not the share."""
     if budget is None:  # no budget: each stage's own max_time alone
         return
+    if planned:
+        share = None
     left = max(1, int(started + budget - time.monotonic() + trained))
     own = as_timedelta(stage.cfg.trainer.max_time)
     cap = min(left, own.total_seconds()) if own is not None else left
@@ -183,30 +188,42 @@ def stage_line(stage: Stage, num_stages: int, images: int | None, num_train: int
     return f"stage {stage.index + 1} of {num_stages}: {stage.name} ({', '.join(stage.weights)}; {length})"
 
 
+def stage_dirs(out_dir: Path, stage: Stage) -> tuple[Path, Path]:
+    """Where a stage's checkpoints and epoch history go: ``checkpoints/<stage>/`` and
+    ``<stage>/``, or the run directory's own for a run of one stage."""
+    return out_dir / "checkpoints" / stage.name, out_dir / stage.name
+
+
 def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
                  extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
-    """Run every stage of ``cfg.stages`` in order, from ``ckpt_path`` (None: from scratch) into
-    ``out_dir`` (both from :func:`~mtl_unsup.training.start_run`); returns the metrics written
-    to ``metrics.json``."""
+    """Run every stage of the run in order (a run without ``stages`` is one), from ``ckpt_path``
+    (None: from scratch) into ``out_dir`` (both from :func:`~mtl_unsup.training.start_run`),
+    within the plan of :mod:`mtl_unsup.run_plan`; returns the metrics written to ``metrics.json``."""
+    staged = bool(cfg.get("stages"))
     unused = drop_unstaged_tasks(cfg)
     if unused:
         rank_zero_info(f"tasks no stage trains, left out: {', '.join(unused)}")
     fill_input_settings(cfg)  # before the stages copy the config: the last one's draws the pictures
-    plan = plan_stages(cfg)
+    plan = run_stages(cfg)
     # a checkpoint of this run directory is resumed; any other gives its weights (and targets)
-    resuming = bool(ckpt_path) and Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
-    if resuming:  # before any image is decoded
+    resuming = bool(ckpt_path) and (Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
+                                    or (not staged and bool(cfg.resume)))
+    if resuming and staged:  # before any image is decoded
         refuse_one_stage_run(out_dir, plan)
     datamodule, module = build_model(plan[0].cfg, staged=True)
-    size_stages(plan, cfg, datamodule.num_train)
-    check_stage_settings(plan, module)
+    if staged:
+        size_stages(plan, cfg, datamodule.num_train)
+        check_stage_settings(plan, module)
     tasks = dict(module.tasks.items())
     for stage in plan:  # the monitor must be logged by every stage, the objective at the end
         check_selection(stage.cfg, datamodule, tasks, stage.weights, objective=stage is plan[-1])
     probe = Run(datamodule, module, None, None)  # type: ignore[arg-type]
-    done, spent = read_progress(out_dir) if resuming else ({}, 0.0)
+    done, spent = read_progress(out_dir) if resuming and staged else ({}, 0.0)
     first, start_from = where_to_start(plan, out_dir, resuming, done, cfg.get("start_stage"))
-    inside = start_from is not None and start_from.parent.name == plan[min(first, len(plan) - 1)].name
+    own_dir = stage_dirs(out_dir, plan[min(first, len(plan) - 1)])[0]
+    inside = start_from is not None and start_from.parent == own_dir
+    if not staged and resuming:  # resume=true continues the checkpoint it found, wherever it is
+        start_from, inside = Path(ckpt_path), True  # type: ignore[arg-type]
     trained = 0.0  # stages.json counts finished stages; the one resumed inside, its checkpoint's time
     if ckpt_path and not resuming:
         adopt_checkpoint(ckpt_path, False, probe)
@@ -215,37 +232,50 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         adopt_checkpoint(str(start_from), True, probe, ckpt)
         trained = trained_seconds(ckpt) if inside else 0.0
     write_run_info(out_dir)
+    run_plan = plan_run(cfg, plan, first, module, datamodule, out_dir, spent + trained, inside)
     budget = as_timedelta(cfg.trainer.get("max_time"))
     seconds = budget.total_seconds() if budget is not None else None
-    started = time.monotonic() - spent - trained
+    started = time.monotonic() - spent - trained - (run_seconds() if run_plan is not None else 0.0)
     last = plan[-1]
     run = Run(datamodule, module, None, None)  # type: ignore[arg-type]
     for stage in plan[first:]:
-        cap_stage_time(stage, started, seconds, cfg.stages[stage.name].get("time_share"),
-                       trained if inside else 0.0)
+        cap_stage_time(stage, started, seconds, cfg.stages[stage.name].get("time_share") if staged else None,
+                       trained if inside else 0.0, planned=run_plan is not None)
         enter_stage(stage, module, datamodule, cfg.seed, fresh=not inside)
-        ckpt_dir = out_dir / "checkpoints" / stage.name
-        trainer, checkpoint = build_trainer(stage.cfg, ckpt_dir, out_dir / stage.name, stage.refresh)
+        ckpt_dir, history_dir = stage_dirs(out_dir, stage)
+        bar = TimeLeftBar(run_plan) if run_plan is not None and shows_progress(stage.cfg) else None
+        # a run of one stage keeps the run directory's own history and picture names
+        trainer, checkpoint = build_trainer(stage.cfg, ckpt_dir, history_dir if staged else None,
+                                            stage.refresh, bar)
         trainer.callbacks.extend(extra_callbacks)
         run = Run(datamodule, module, trainer, checkpoint)
-        rank_zero_info(stage_line(stage, len(plan), cfg.stages[stage.name].get("images"),
-                                  datamodule.num_train))
+        if staged:
+            rank_zero_info(stage_line(stage, len(plan), cfg.stages[stage.name].get("images"),
+                                      datamodule.num_train))
+        keeper = run_plan.stage_started(stage) if run_plan is not None else None
+        if keeper is not None:
+            trainer.callbacks.append(keeper)
         done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")
         inside = False
-        write_progress(out_dir, done, time.monotonic() - started)
+        if staged:
+            write_progress(out_dir, done, time.monotonic() - started)
+        if run_plan is not None:
+            run_plan.stage_done(stage, trainer.current_epoch)
         if stage is not last:  # the last stage's loggers still get the final pictures
             finish_loggers(trainer)
     if run.trainer is None:  # every stage was done (killed before metrics.json): write it now
         if (out_dir / "metrics.json").exists():
             raise ConfigValueError(f"Every stage of the run in {out_dir} is done; its results are in "
                                    "metrics.json.")
-        run = Run(datamodule, module, *build_trainer(last.cfg, out_dir / "checkpoints" / last.name,
-                                                     out_dir / last.name, last.refresh))
+        run = Run(datamodule, module, *build_trainer(last.cfg, *stage_dirs(out_dir, last), last.refresh))
     metrics = dict(done[last.name])
-    for name, values in done.items():
-        metrics.update({f"{name}/{k}": v for k, v in values.items()})
-    write_results(run, last.cfg, out_dir, dict(sorted(metrics.items())),
-                  out_dir / "checkpoints" / last.name / "last.ckpt", out_dir / last.name / HISTORY,
-                  stage_table(plan, done))
+    if staged:
+        for name, values in done.items():
+            metrics.update({f"{name}/{k}": v for k, v in values.items()})
+    ckpt_dir, history_dir = stage_dirs(out_dir, last)
+    write_results(run, last.cfg, out_dir, dict(sorted(metrics.items())), ckpt_dir / "last.ckpt",
+                  history_dir / HISTORY, stage_table(plan, done) if staged else None)
+    if run_plan is not None and run.trainer.is_global_zero:
+        run_plan.finish()
     finish_loggers(run.trainer)
     return metrics

@@ -9,7 +9,8 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   ``weak_view``, ``start_epoch`` and ``stop_epoch`` (counted from the stage's first epoch);
   every task named must be in the run's ``task`` list, whose settings hold the rest.
 - ``epochs`` (required) and ``max_time`` (a time cap, ``DD:HH:MM:SS``). The run's own
-  ``trainer.max_time`` is the budget of all the stages together: each gets at most what is left.
+  ``trainer.max_time`` is the budget of all the stages together, planned (:mod:`mtl_unsup.budget`:
+  each stage's epochs sized to end in time); ``time_share`` caps a stage's part of it.
 - ``images``: the number of training images the stage reads, which sizes it by the training set:
   its epochs are ``images`` over the training images, rounded up, at most ``epochs`` (a
   protocol written for any folder, such as data=folder's, so costs the same on a large folder and
@@ -25,7 +26,7 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   A task of the ``task`` list that no stage trains is left out too (with a line saying so), unless
   a trained task reads it (``source``, ``space``).
 
-A run without ``stages`` is one stage, today's run. Nothing here loads torch: the plan is checked
+A run without ``stages`` is one stage (:func:`one_stage`), run by the same code. Nothing here loads torch: the plan is checked
 (:mod:`mtl_unsup.stage_checks`) before any library loads.
 """
 
@@ -176,6 +177,18 @@ def size_stages(plan: list[Stage], cfg: DictConfig, num_train: int) -> None:
         epochs = sized_epochs(cfg.stages[stage.name], num_train)
         with open_dict(stage.cfg):
             stage.cfg.trainer.max_epochs = epochs if cap is None else min(epochs, int(cap))
+
+
+def one_stage(cfg: DictConfig) -> Stage:
+    """A run without ``stages`` as a plan of one stage: the run's own settings, named ``""`` (its
+    checkpoints and history in the run directory itself)."""
+    weights = {str(t): float(task.get("weight", 1.0)) for t, task in (cfg.task or {}).items()}
+    return Stage("", 0, cfg, weights)
+
+
+def run_stages(cfg: DictConfig) -> list[Stage]:
+    """The stages of any run: those of ``stages``, or the run as one stage."""
+    return plan_stages(cfg) if cfg.get("stages") else [one_stage(cfg)]
 
 
 def plan_stages(cfg: DictConfig) -> list[Stage]:

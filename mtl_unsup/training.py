@@ -15,6 +15,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mtl_unsup.budget import begin_run
 from mtl_unsup.build import (  # noqa: F401 (also found here by mtl_unsup.train)
     Run,
     build_callbacks,
@@ -30,7 +31,6 @@ from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.config import check_config, register_configs
 from mtl_unsup.console import lightning_prints_once
 from mtl_unsup.data.images import DataError
-from mtl_unsup.extensions import finish_loggers
 from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import NonFiniteLossError
 from mtl_unsup.results import (  # noqa: F401 (also found here by mtl_unsup.train)
@@ -126,32 +126,15 @@ def fit_and_test(run: Run, ckpt_path: str | None, last_path: Path) -> dict[str, 
 
 def train(cfg: DictConfig, extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
     """Fit and test one model; returns the final metrics (also written to ``metrics.json``).
-    A run with ``stages`` runs each in turn (:func:`mtl_unsup.staged.train_stages`). The run
+    The run's stages (one without ``stages``) run in turn (:func:`mtl_unsup.staged.train_stages`). The run
     directory is locked from before it is looked at until the run ends (one writer per run)."""
+    begin_run()  # trainer.max_time counts from here (from the process's start for mtl-train)
     with run_dir_lock(Path(cfg.paths.output_dir)):
         ckpt_path, out_dir = start_run(cfg)
         with run_dir_lock(out_dir):  # resume=true may continue another directory's run
-            if cfg.get("stages"):
-                from mtl_unsup.staged import train_stages
+            from mtl_unsup.staged import train_stages  # a run without stages is one stage
 
-                return train_stages(cfg, ckpt_path, out_dir, extra_callbacks)
-            return train_one(cfg, ckpt_path, out_dir, extra_callbacks)
-
-
-def train_one(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
-              extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
-    """A run of one stage, from ``ckpt_path`` (None: from scratch) into ``out_dir``."""
-    run = build_run(cfg)
-    if ckpt_path:  # resuming: resume=true, or a requeued job continuing its own run
-        resuming = bool(cfg.resume) or Path(ckpt_path).resolve().is_relative_to(out_dir.resolve())
-        ckpt_path = adopt_checkpoint(ckpt_path, resuming, run)
-    write_run_info(out_dir)
-    run.trainer.callbacks.extend(extra_callbacks)
-    last_path = out_dir / "checkpoints" / "last.ckpt"
-    metrics = fit_and_test(run, ckpt_path, last_path)
-    write_results(run, cfg, out_dir, metrics, last_path)
-    finish_loggers(run.trainer)
-    return metrics
+            return train_stages(cfg, ckpt_path, out_dir, extra_callbacks)
 
 
 def objective(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

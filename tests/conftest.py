@@ -72,6 +72,7 @@ TINY = [
     "print_config=false",
     "pictures=false",
     "report=false",
+    "estimate=false",  # no probe before training (tests/test_budget.py runs it)
 ]
 
 

@@ -398,15 +398,23 @@ class Budgets(L.Callback):
         self.seconds += [c._duration for c in trainer.callbacks if isinstance(c, Timer)]
 
 
-def test_a_staged_run_within_a_time_budget_runs_every_stage(staged, tmp_path):
+@pytest.mark.parametrize("planned", [True, False])
+def test_a_staged_run_within_a_time_budget_runs_every_stage(staged, tmp_path, planned):
     root, _, _, _ = staged
     overrides = [*staged_overrides(root), "trainer.max_time={minutes: 10}",
                  "+stages.scan.max_time=00:00:05:00", "+stages.pretext.time_share=0.25"]
     budgets = Budgets()
-    metrics = train(compose_cfg(tmp_path, overrides), extra_callbacks=(budgets,))
+    # the debug presets' epoch cap is one reason a run is not planned: then the caps alone hold
+    unplanned = [] if planned else ["max_stage_epochs=2"]
+    metrics = train(compose_cfg(tmp_path, [*overrides, *unplanned]), extra_callbacks=(budgets,))
     assert all(f"{stage}/test/kmeans_acc" in metrics for stage in STAGES)
+    assert (tmp_path / "plan.json").is_file() == planned
     pretext, scan, selflabel = budgets.seconds
-    assert pretext == 150 and scan == 300  # its share of the 10 minutes; its own cap
+    assert scan == 300  # its own cap
+    if planned:  # its share limits its planned epochs (all 2 fit); its cap guards the budget
+        assert 500 < pretext <= 600
+    else:  # its share of the 10 minutes
+        assert pretext == 150
     assert 240 < selflabel < 600  # what the run has left
 
 

@@ -1,0 +1,237 @@
+"""A run's plan in the run: probe, plan and size the stages before training, keep the plan true
+as stages end, record it in ``plan.json``, and show the time left on the progress bar.
+
+The arithmetic is :mod:`mtl_unsup.budget`, the measuring :mod:`mtl_unsup.probe`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, open_dict
+
+from mtl_unsup.budget import (
+    PLAN_FILE,
+    Plan,
+    StageCost,
+    StagePlan,
+    describe,
+    hms,
+    make_plan,
+    read_plan,
+    replan,
+    run_seconds,
+    write_plan,
+)
+from mtl_unsup.data.datamodule import ImageFolderDataModule
+from mtl_unsup.stages import Stage, as_timedelta
+
+# How far a finished stage's speed may move the estimate of the stages after it.
+SPEED_RANGE = (0.5, 3.0)
+
+
+def no_plan_reason(cfg: DictConfig, datamodule: Any) -> str | None:
+    """Why this run is not planned (None: it is): the debug presets, several processes, or rows
+    of features (whose steps cost next to nothing)."""
+    trainer = cfg.trainer
+    if trainer.get("fast_dev_run") or cfg.get("max_stage_epochs") is not None:
+        return "a debug preset sets the epochs"
+    if int(trainer.get("devices") or 1) != 1 or int(trainer.get("num_nodes") or 1) != 1:
+        return "the probe measures one process, and this run has several"
+    if not isinstance(datamodule, ImageFolderDataModule) or datamodule.embeddings is not None:
+        return "it trains on rows of features"
+    return None
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores ({platform.machine()})"
+
+
+def budget_seconds(cfg: DictConfig) -> float | None:
+    budget = as_timedelta(cfg.trainer.get("max_time"))
+    return None if budget is None else budget.total_seconds()
+
+
+def decode_all(datamodule: Any) -> None:
+    """Decode every split now (training would at its start): its time counts as start-up."""
+    for split in datamodule.splits:
+        datamodule._dataset(split)
+
+
+def stage_shares(cfg: DictConfig, stages: list[Stage]) -> list[float | None]:
+    return [(cfg.stages[s.name].get("time_share") if cfg.get("stages") else None) for s in stages]
+
+
+def scale_start_epochs(stage: Stage, module: Any, epochs: int) -> None:
+    """A stage cut to ``epochs`` of its ``trainer.max_epochs`` starts and stops its tasks at the
+    same points of its schedule (a task that starts after 20 of 80 epochs starts after 5 of 20)."""
+    asked = int(stage.cfg.trainer.max_epochs)
+    for name in stage.weights:
+        task = module.tasks[name]
+        values = stage.settings.setdefault(name, {})
+        for key in ("start_epoch", "stop_epoch"):
+            given = values.get(key, getattr(task, key, None))
+            if given is not None:
+                scaled = int(round(int(given) * epochs / asked))
+                values[key] = min(epochs - 1, scaled) if key == "start_epoch" else max(1, scaled)
+
+
+def apply_plan(stages: list[Stage], parts: list[StagePlan], module: Any) -> None:
+    """Give each stage its planned epochs (its scheduler's ``T_max`` follows them)."""
+    for stage, part in zip(stages, parts, strict=True):
+        if part.epochs != int(stage.cfg.trainer.max_epochs):
+            scale_start_epochs(stage, module, part.epochs)
+            with open_dict(stage.cfg):
+                stage.cfg.trainer.max_epochs = part.epochs
+
+
+class RunPlan:
+    """The plan of one run as it goes: made before the first stage trains, re-made after each."""
+
+    def __init__(self, plan: Plan, costs: list[StageCost], shares: list[float | None], first: int,
+                 stages: list[Stage], module: Any, out_dir: Path, before: float) -> None:
+        self.plan, self.costs, self.shares, self.first = plan, costs, shares, first
+        self.stages, self.module, self.path, self.before = stages, module, out_dir / PLAN_FILE, before
+        self.started: dict[str, float] = {}
+
+    def elapsed(self) -> float:
+        """Seconds of the run so far, earlier sittings of a resumed run included."""
+        return self.before + run_seconds()
+
+    def left(self) -> float:
+        """Seconds the plan still expects the run to take."""
+        return max(0.0, self.plan.estimate - self.elapsed())
+
+    def stage_started(self, stage: Stage) -> KeepToPlan | None:
+        """Note the stage's start; with a budget, the callback that keeps it to its time."""
+        self.started[stage.name] = time.monotonic()
+        if self.plan.budget is None:
+            return None
+        index = next(i for i, s in enumerate(self.stages) if s.name == stage.name)
+        part, cost = self.plan.stages[index], self.costs[index]
+        return KeepToPlan(part, time.monotonic() + part.seconds - cost.end)
+
+    def stage_done(self, stage: Stage, epochs: int) -> None:
+        """Record what ``stage`` did and plan the stages after it from the time really left."""
+        part = self.plan.stage(stage.name)
+        part.actual_epochs = epochs
+        part.actual_seconds = time.monotonic() - self.started.get(stage.name, time.monotonic())
+        index = next(i for i, s in enumerate(self.stages) if s.name == stage.name)
+        cost = self.costs[index]
+        expected = cost.seconds(max(1, epochs))
+        speed = min(max(part.actual_seconds / expected, SPEED_RANGE[0]), SPEED_RANGE[1]) if expected else 1.0
+        later = index + 1
+        if later < len(self.stages) and self.plan.budget is not None:
+            replan(self.plan, self.costs, self.shares, later, self.elapsed(), speed)
+            apply_plan(self.stages[later:], self.plan.stages[later:], self.module)
+            rank_zero_info(f"re-planned after {stage.name or 'training'} ({speed:.2f}x the probe's time): "
+                           + ", ".join(f"{p.name} {p.epochs} epochs" for p in self.plan.stages[later:]))
+        write_plan(self.path, self.plan)
+
+    def finish(self) -> None:
+        """The whole command's time, once the results and the report are written."""
+        self.plan.total_seconds = round(self.elapsed(), 1)
+        write_plan(self.path, self.plan)
+        budget = self.plan.budget
+        rank_zero_only(print)(f"run time:   {hms(self.plan.total_seconds)}"
+                       + (f" of trainer.max_time={hms(budget)}" if budget is not None else
+                          f" (estimated {hms(self.plan.estimate)})") + f" ({PLAN_FILE})")
+
+
+def plan_run(cfg: DictConfig, stages: list[Stage], first: int, module: Any, datamodule: Any,
+             out_dir: Path, before: float, resumed_inside: bool) -> RunPlan | None:
+    """Probe the stages from ``first`` on, plan them within ``trainer.max_time`` (or estimate
+    them without one), size their epochs, print the plan and write ``plan.json``. ``before``:
+    seconds earlier sittings of this run spent; ``resumed_inside``: the first stage continues
+    from its own checkpoint and keeps the epochs it was planned with."""
+    from mtl_unsup.probe import probe_costs
+
+    todo = stages[first:]
+    budget = budget_seconds(cfg)
+    reason = no_plan_reason(cfg, datamodule) if todo else "every stage is done"
+    if reason is None and budget is None and not cfg.get("estimate", True):
+        return None
+    if reason is not None:
+        if budget is not None and todo:
+            rank_zero_info(f"trainer.max_time={hms(budget)} caps each stage; no plan, as {reason}.")
+        return None
+    decode_all(datamodule)
+    probe_start = time.monotonic()
+    costs, report = probe_costs(todo, module, datamodule, cfg)
+    probe = time.monotonic() - probe_start
+    earlier = read_plan(out_dir / PLAN_FILE) if resumed_inside else None
+    if earlier is not None:  # its scheduler was sized by these epochs: they stay
+        epochs = {s["name"]: s["epochs"] for s in earlier["stages"]}
+        if todo[0].name in epochs:
+            with open_dict(todo[0].cfg):
+                todo[0].cfg.trainer.max_epochs = epochs[todo[0].name]
+    asked = [int(s.cfg.trainer.max_epochs) for s in todo]
+    shares = stage_shares(cfg, todo)
+    if resumed_inside:
+        shares[0] = None
+    plan = make_plan(costs, asked, shares, budget, before + run_seconds(), report, probe)
+    if resumed_inside:
+        plan.stages[0].epochs = asked[0]
+    apply_plan(todo, plan.stages, module)
+    rank_zero_only(print)(describe(plan, machine()), flush=True)
+    run_plan = RunPlan(plan, costs, shares, 0, todo, module, out_dir, before)
+    write_plan(run_plan.path, plan)
+    return run_plan
+
+
+def shows_progress(cfg: DictConfig) -> bool:
+    """Whether Lightning's own progress bar is on (not off, nor replaced by another)."""
+    callbacks = cfg.get("callbacks") or {}
+    return bool(cfg.trainer.get("enable_progress_bar", True)) and not any(
+        "ProgressBar" in str((c or {}).get("_target_", "")) for c in callbacks.values())
+
+
+class KeepToPlan(L.Callback):
+    """Keeps a planned stage to its time: after each epoch the epochs left are sized again from
+    the speed the stage's epochs really had (the first, which holds the stage's start, aside), at
+    most the epochs asked for. The scheduler's ``T_max`` follows, so a cosine schedule still ends
+    at its final learning rate (it bends where the plan changed, and goes on to the new end)."""
+
+    def __init__(self, part: StagePlan, deadline: float) -> None:
+        self.part, self.deadline = part, deadline
+        self._second: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._second is None and trainer.current_epoch >= 1:
+            self._second = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        epoch, now = trainer.current_epoch, time.monotonic()
+        if self._second is None or epoch < 1:
+            return
+        rate = (now - self._second) / epoch  # epochs 1 .. epoch, whole
+        planned = int(trainer.fit_loop.max_epochs)
+        fits = epoch + 1 + max(0, int((self.deadline - now) / rate)) if rate > 0 else planned
+        epochs = max(epoch + 1, min(self.part.asked, fits))
+        if epochs == planned or abs(epochs - planned) < max(1, 0.05 * planned):
+            return
+        trainer.fit_loop.max_epochs = epochs
+        for config in trainer.lr_scheduler_configs:
+            if hasattr(config.scheduler, "T_max"):
+                config.scheduler.T_max = epochs
+        self.part.epochs = epochs
+
+
+class TimeLeftBar(TQDMProgressBar):
+    """Lightning's progress bar with the whole run's time left (all stages, the report) beside it."""
+
+    def __init__(self, run_plan: RunPlan) -> None:
+        super().__init__()
+        self.run_plan = run_plan
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, module)
+        metrics["run left"] = hms(self.run_plan.left())
+        return metrics
