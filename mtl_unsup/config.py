@@ -127,6 +127,8 @@ class ClusterConfig:
     min_size: float = _CLUSTER.min_size
     sinkhorn_epsilon: float = _CLUSTER.sinkhorn_epsilon
     answer: str = "auto"
+    # the criterion that picks the answer among every stage's heads and k-means (candidates.py)
+    choose: str = "silhouette"
     # k-means with each rank holding only its own rows (ImageNet-sized sets under DDP); the
     # whitening is fitted on pca_sample rows (0: all)
     sharded: bool = _CLUSTER.sharded
@@ -327,8 +329,15 @@ def max_clusters(cluster: Any) -> int:
     return int(cluster.k_range[1]) if cluster.k == "auto" else int(cluster.k)
 
 
+# How the answer is chosen among the candidates (mtl_unsup/candidates.py), label-free.
+CHOOSE_CRITERIA = ("silhouette", "silhouette_last", "consensus", "last")
+
+
 def cluster_problems(cluster: Any) -> list[str]:
-    """The ``cluster`` group's assignment settings (see ``mtl_unsup.clustering.refresh``)."""
+    """The ``cluster`` group's assignment settings (see ``mtl_unsup.clustering.refresh``) and how
+    the answer is chosen."""
+    if cluster.get("choose", "silhouette") not in CHOOSE_CRITERIA:
+        return [f"cluster.choose={cluster.choose!r}: use one of {', '.join(CHOOSE_CRITERIA)}."]
     try:
         ClusterSettings.from_config(cluster)
     except ValueError as err:

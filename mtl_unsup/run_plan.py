@@ -116,7 +116,8 @@ class RunPlan:
             return None
         index = next(i for i, s in enumerate(self.stages) if s.name == stage.name)
         part, cost = self.plan.stages[index], self.costs[index]
-        return KeepToPlan(part, time.monotonic() + part.seconds - cost.end)
+        slack = max(0.0, self.plan.budget - self.plan.estimate)  # what the plan kept in hand
+        return KeepToPlan(part, time.monotonic() + part.seconds - cost.end + slack)
 
     def stage_done(self, stage: Stage, epochs: int) -> None:
         """Record what ``stage`` did and plan the stages after it from the time really left."""
@@ -194,10 +195,12 @@ def shows_progress(cfg: DictConfig) -> bool:
 
 
 class KeepToPlan(L.Callback):
-    """Keeps a planned stage to its time: after each epoch the epochs left are sized again from
-    the speed the stage's epochs really had (the first, which holds the stage's start, aside), at
-    most the epochs asked for. The scheduler's ``T_max`` follows, so a cosine schedule still ends
-    at its final learning rate (it bends where the plan changed, and goes on to the new end)."""
+    """Keeps a planned stage to its time: after each epoch of the first half of the stage, the
+    epochs left are sized again from the speed its epochs really had (the first, which holds the
+    stage's start, aside), at most the epochs asked for. The scheduler's ``T_max`` follows, so a
+    cosine schedule still ends at its final learning rate (it bends where the plan changed, and
+    goes on to the new end). Past half way the plan holds (the run's time cap guards the budget):
+    a schedule cut late would end far from its final rate."""
 
     def __init__(self, part: StagePlan, deadline: float) -> None:
         self.part, self.deadline = part, deadline
@@ -213,6 +216,8 @@ class KeepToPlan(L.Callback):
             return
         rate = (now - self._second) / epoch  # epochs 1 .. epoch, whole
         planned = int(trainer.fit_loop.max_epochs)
+        if 2 * (epoch + 1) > planned:
+            return
         fits = epoch + 1 + max(0, int((self.deadline - now) / rate)) if rate > 0 else planned
         epochs = max(epoch + 1, min(self.part.asked, fits))
         if epochs == planned or abs(epochs - planned) < max(1, 0.05 * planned):

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from mtl_unsup.answer import keep_stage, load_stage, settle_answer
 from mtl_unsup.atomic import write_text
 from mtl_unsup.budget import run_seconds
 from mtl_unsup.build import Run, build_model, build_trainer, check_selection, fill_input_settings
@@ -238,6 +239,8 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     started = time.monotonic() - spent - trained - (run_seconds() if run_plan is not None else 0.0)
     last = plan[-1]
     run = Run(datamodule, module, None, None)  # type: ignore[arg-type]
+    pca_dim = cfg.cluster.get("pca_dim")
+    kept = {s.name: k for s in plan[:first] if (k := load_stage(s.name, out_dir / s.name)) is not None}
     for stage in plan[first:]:
         cap_stage_time(stage, started, seconds, cfg.stages[stage.name].get("time_share") if staged else None,
                        trained if inside else 0.0, planned=run_plan is not None)
@@ -256,6 +259,9 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         if keeper is not None:
             trainer.callbacks.append(keeper)
         done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")
+        clusterings = keep_stage(stage.name, module, history_dir if staged else None, pca_dim)
+        if clusterings is not None:
+            kept[stage.name] = clusterings
         inside = False
         if staged:
             write_progress(out_dir, done, time.monotonic() - started)
@@ -268,13 +274,17 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
             raise ConfigValueError(f"Every stage of the run in {out_dir} is done; its results are in "
                                    "metrics.json.")
         run = Run(datamodule, module, *build_trainer(last.cfg, *stage_dirs(out_dir, last), last.refresh))
-    metrics = dict(done[last.name])
+    ordered = [kept[s.name] for s in plan if s.name in kept]
+    chosen, answer_ckpt = settle_answer(cfg, ordered, done, module, out_dir,
+                                        {s.name: stage_dirs(out_dir, s)[0] for s in plan})
+    metrics = chosen or dict(done[last.name])
     if staged:
         for name, values in done.items():
             metrics.update({f"{name}/{k}": v for k, v in values.items()})
     ckpt_dir, history_dir = stage_dirs(out_dir, last)
-    write_results(run, last.cfg, out_dir, dict(sorted(metrics.items())), ckpt_dir / "last.ckpt",
-                  history_dir / HISTORY, stage_table(plan, done) if staged else None)
+    write_results(run, last.cfg, out_dir, dict(sorted(metrics.items())),
+                  answer_ckpt or ckpt_dir / "last.ckpt", history_dir / HISTORY,
+                  stage_table(plan, done) if staged else None)
     if run_plan is not None and run.trainer.is_global_zero:
         run_plan.finish()
     finish_loggers(run.trainer)

@@ -26,8 +26,8 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   A task of the ``task`` list that no stage trains is left out too (with a line saying so), unless
   a trained task reads it (``source``, ``space``).
 
-A run without ``stages`` is one stage (:func:`one_stage`), run by the same code. Nothing here loads torch: the plan is checked
-(:mod:`mtl_unsup.stage_checks`) before any library loads.
+A run without ``stages`` is one stage (:func:`one_stage`), run by the same code. Nothing here
+loads torch: the plan is checked (:mod:`mtl_unsup.stage_checks`) before any library loads.
 """
 
 from __future__ import annotations

@@ -74,8 +74,11 @@ def test_each_stage_leaves_its_checkpoint_and_metrics(staged):
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
     assert "pretext/test/acc" not in saved  # no head had trained: k-means was the answer
-    for key in ("test/acc", "test/kmeans_nmi", "val/silhouette"):
-        assert saved[key] == saved[f"selflabel/{key}"]
+    # the run's own metrics are those of the stage of the chosen answer, its ACC the answer's
+    [chosen] = [c for c in json.loads((run / "candidates.json").read_text())["candidates"] if c["chosen"]]
+    for key in ("test/kmeans_nmi", "val/silhouette"):
+        assert saved[key] == saved[f"{chosen['stage']}/{key}"]
+    assert saved["test/acc"] == saved[f"candidates/{chosen['stage']}/{chosen['name']}/test/acc"]
     assert list(json.loads((run / "stages.json").read_text())["done"]) == list(STAGES)
     # the neighbours were mined once, when the scan stage started, and kept by the next
     scan = torch.load(run / "checkpoints" / "scan" / "last.ckpt", weights_only=True)["task_states"]["scan"]
@@ -439,8 +442,9 @@ def test_a_run_killed_after_its_last_stage_writes_its_results_on_resume(staged, 
     (tmp_path / "run" / "metrics.json").unlink()  # killed between the last stage and the results
     again = train(compose_cfg(tmp_path / "run", [*staged_overrides(root), "resume=true"]))
     assert again == pytest.approx(metrics)
-    answer = torch.load(run / "checkpoints" / "selflabel" / "last.ckpt", weights_only=True)["answer"]
-    assert f"answer:     {answer} " in capsys.readouterr().out  # the last stage's model, loaded
+    chosen = [c for c in json.loads((run / "candidates.json").read_text())["candidates"] if c["chosen"]]
+    said = "k-means of the features" if chosen[0]["name"] == "kmeans" else f"{chosen[0]['name']} "
+    assert f"answer:     {said}" in capsys.readouterr().out  # the chosen model, loaded
     with pytest.raises(ConfigValueError, match="Every stage of the run in .* is done"):
         train(compose_cfg(tmp_path / "run", [*staged_overrides(root), "resume=true"]))
 

@@ -29,10 +29,16 @@ def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved == metrics
     names = {"silhouette", "agreement", "acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari"}
-    assert set(saved) == {f"{split}/{name}" for split in ("test", "val", "train") for name in names}
+    own = {k for k in saved if not k.startswith("candidates/")}
+    assert own == {f"{split}/{name}" for split in ("test", "val", "train") for name in names}
+    # the answer's candidates: the head and k-means, each with its criteria and, read, its scores
+    assert {k for k in saved if k.endswith("/silhouette_last")} == {
+        "candidates/cluster/silhouette_last", "candidates/kmeans/silhouette_last"}
     assert saved["train/agreement"] >= 0.5  # the head reported is a clustering, not a stale one
     # the figures are those of the saved model, predicted in eval mode, one image at a time or not
-    module, cfg = model_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    # (the model of the chosen answer: checkpoints/answer.ckpt when it is not the head's)
+    answer = tmp_path / "checkpoints" / "answer.ckpt"
+    module, cfg = model_from_checkpoint(answer if answer.exists() else tmp_path / "checkpoints" / "last.ckpt")
     run = build_run(compose_cfg(tmp_path / "again", tiny_folder_overrides(shapes_dir)))
     test = run.datamodule.splits["test"]
     preds = predict_images(module.train(), cfg, test, batch_size=5, progress=False)
@@ -41,7 +47,8 @@ def test_compose_train_writes_metrics_and_checkpoints(shapes_dir, tmp_path):
     assert module.training  # predict_images restored the mode it was given
     # the default keeps last.ckpt (and the one it replaced, the fallback of a resume) only: no
     # checkpoint is chosen, least of all with labels
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt", "last.ckpt.prev"]
+    kept = ["last.ckpt", "last.ckpt.prev"] + (["answer.ckpt"] if answer.exists() else [])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(kept)
     assert (tmp_path / "csv" / "metrics.csv").is_file()
     for name in ("cluster_grid", "confusion", "embedding", "training_curves"):
         with Image.open(tmp_path / "pictures" / f"{name}.png") as picture:

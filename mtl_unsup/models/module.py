@@ -109,9 +109,9 @@ class MultiTaskModule(L.LightningModule):
         self.heads = self._head_table()
         self.answer_setting = answer
         choices = [n for n, (t, _, k) in self.heads.items() if k == num_clusters and self.tasks[t].weight > 0]
-        if answer != "auto" and answer not in choices:
+        if answer not in ("auto", "kmeans") and answer not in choices:
             raise ConfigValueError(f"cluster.answer={answer!r} is not a clustering head with cluster.k="
-                                   f"{num_clusters} clusters; choose auto or one of {choices}")
+                                   f"{num_clusters} clusters; choose auto, kmeans or one of {choices}")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.eval_splits = tuple(eval_splits)
         self.config = config or {}
@@ -122,6 +122,10 @@ class MultiTaskModule(L.LightningModule):
         # for fixed features: they are clustered once, so a bank would only cost memory and steps)
         self.feature_bank = (FeatureBank(feature_bank, backbone.feature_dim)
                              if feature_bank and not self.features_fixed else None)
+        # the training images' outputs of the last test pass (the answer's candidates) and, once
+        # the answer is chosen among them, the sentence that says how (mtl_unsup/answer.py)
+        self.train_outputs: dict[str, torch.Tensor] | None = None
+        self.chosen_by: str | None = None
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
         # its weights are used, its pseudo-labels are not.
         self.ignore_checkpoint_clustering = False
@@ -235,6 +239,8 @@ class MultiTaskModule(L.LightningModule):
         consistency refines k-means targets), then the latest start epoch, then the first in the
         task list, and that task's own choice among its heads (SCAN: the lowest loss).
         """
+        if self.answer_setting == "kmeans":
+            return None
         if self.answer_setting != "auto":
             return self.answer_setting
 
@@ -249,6 +255,10 @@ class MultiTaskModule(L.LightningModule):
     def explain_answer(self) -> str:
         """A sentence: which head answers, and why (for the report)."""
         answer = self.answer()
+        if self.chosen_by:
+            return self.chosen_by
+        if answer is None and self.answer_setting == "kmeans":
+            return "The answer is k-means of the features, named by cluster.answer."
         if answer is None:
             return ("The answer is k-means of the features: no clustering head with cluster.k clusters "
                     "trained and held up.")
@@ -396,7 +406,7 @@ class MultiTaskModule(L.LightningModule):
         record = {"index": batch["index"], "label": batch["label"], "features": out["features"].float()}
         if "logits" in out:
             record["head"] = out["logits"].argmax(1)
-        if len(out["heads"]) > 1:
+        if self._records_heads():
             record.update({f"heads/{n}": logits.argmax(1) for n, logits in out["heads"].items()})
         if "kmeans" in out:
             record["kmeans"] = out["kmeans"].to(self.device)
@@ -406,11 +416,13 @@ class MultiTaskModule(L.LightningModule):
         keys = ("index", "label", "features")
         if self.answer() is not None:
             keys += ("head",)
-        if len(self.heads) > 1:
+        if self._records_heads():
             keys += tuple(f"heads/{n}" for n in self.heads)
         if self._kmeans_from_state():
             keys += ("kmeans",)
         out = self.recorders[split].collect(self, keys)  # a collective: every rank enters it
+        if self.trainer.testing and split == "train":  # the answer's candidates (candidates.py)
+            self.train_outputs = out
         scores = None
         if self.trainer.is_global_zero:
             fit = None if self._kmeans_from_state() else self._fit_kmeans
@@ -419,6 +431,11 @@ class MultiTaskModule(L.LightningModule):
         scores = self.trainer.strategy.broadcast(scores, src=0)
         for name, value in sorted(scores.items()):
             self.log(name, float(value), prog_bar=name == "val/silhouette", sync_dist=True)
+
+    def _records_heads(self) -> bool:
+        """Whether every head's clusters are recorded and scored on their own: when there are
+        several, or one that is not the answer (each may be the chosen answer, candidates.py)."""
+        return len(self.heads) > 1 or (len(self.heads) == 1 and self.answer() is None)
 
     def _kmeans_from_state(self) -> bool:
         """The split's images go to the training clustering's centroids (the last refresh's during
