@@ -105,9 +105,16 @@ class RunPlan:
         """Seconds of the run so far, earlier sittings of a resumed run included."""
         return self.before + run_seconds()
 
-    def left(self) -> float:
-        """Seconds the plan still expects the run to take."""
-        return max(0.0, self.plan.estimate - self.elapsed())
+    def left(self, stage: str | None = None, share_done: float = 0.0) -> float:
+        """Seconds the run still needs: with ``stage`` running and ``share_done`` of its epochs
+        done, the rest of it at the speed it has had so far, then the stages after it and the
+        report as planned; without, what the plan still expects."""
+        if stage is None or stage not in self.started or share_done <= 0:
+            return max(0.0, self.plan.estimate - self.elapsed())
+        index = next(i for i, s in enumerate(self.plan.stages) if s.name == stage)
+        spent = time.monotonic() - self.started[stage]
+        later = sum(p.seconds for p in self.plan.stages[index + 1:])
+        return spent / share_done * (1 - share_done) + self.costs[index].end + later + self.plan.report
 
     def stage_started(self, stage: Stage) -> KeepToPlan | None:
         """Note the stage's start; with a budget, the callback that keeps it to its time."""
@@ -195,12 +202,14 @@ def shows_progress(cfg: DictConfig) -> bool:
 
 
 class KeepToPlan(L.Callback):
-    """Keeps a planned stage to its time: after each epoch of the first half of the stage, the
-    epochs left are sized again from the speed its epochs really had (the first, which holds the
-    stage's start, aside), at most the epochs asked for. The scheduler's ``T_max`` follows, so a
-    cosine schedule still ends at its final learning rate (it bends where the plan changed, and
-    goes on to the new end). Past half way the plan holds (the run's time cap guards the budget):
-    a schedule cut late would end far from its final rate."""
+    """Keeps a planned stage to its time: after each epoch of the first half of the stage, when
+    its epochs run slower than planned, the epochs left are cut to what the time left holds at
+    the speed they really had (the first epoch, which holds the stage's start, aside). The
+    scheduler's ``T_max`` follows, so a cosine schedule still ends at its final learning rate (it
+    bends where the plan changed, and goes on to the new end). It never lengthens a stage: the
+    probe times every task of the stage active, and a task that starts later (a clustering task
+    after its warm-up) makes the later epochs dearer than the first. Past half way the plan holds
+    (the run's time cap guards the budget): a schedule cut late would end far from its final rate."""
 
     def __init__(self, part: StagePlan, deadline: float) -> None:
         self.part, self.deadline = part, deadline
@@ -219,8 +228,8 @@ class KeepToPlan(L.Callback):
         if 2 * (epoch + 1) > planned:
             return
         fits = epoch + 1 + max(0, int((self.deadline - now) / rate)) if rate > 0 else planned
-        epochs = max(epoch + 1, min(self.part.asked, fits))
-        if epochs == planned or abs(epochs - planned) < max(1, 0.05 * planned):
+        epochs = max(epoch + 1, min(planned, fits))
+        if planned - epochs < max(1, 0.05 * planned):
             return
         trainer.fit_loop.max_epochs = epochs
         for config in trainer.lr_scheduler_configs:
@@ -232,11 +241,15 @@ class KeepToPlan(L.Callback):
 class TimeLeftBar(TQDMProgressBar):
     """Lightning's progress bar with the whole run's time left (all stages, the report) beside it."""
 
-    def __init__(self, run_plan: RunPlan) -> None:
+    def __init__(self, run_plan: RunPlan, stage: str) -> None:
         super().__init__()
-        self.run_plan = run_plan
+        self.run_plan, self.stage = run_plan, stage
 
     def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, module)
-        metrics["run left"] = hms(self.run_plan.left())
+        total = trainer.num_training_batches
+        batches = max(1, int(total)) if total != float("inf") else 1
+        done = trainer.current_epoch + trainer.fit_loop.epoch_loop.batch_progress.current.ready / batches
+        share = done / max(1, int(trainer.max_epochs or 1))
+        metrics["run left"] = hms(self.run_plan.left(self.stage, min(share, 1.0)))
         return metrics

@@ -246,7 +246,8 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
                        trained if inside else 0.0, planned=run_plan is not None)
         enter_stage(stage, module, datamodule, cfg.seed, fresh=not inside)
         ckpt_dir, history_dir = stage_dirs(out_dir, stage)
-        bar = TimeLeftBar(run_plan) if run_plan is not None and shows_progress(stage.cfg) else None
+        shown = run_plan is not None and shows_progress(stage.cfg)
+        bar = TimeLeftBar(run_plan, stage.name) if shown else None  # type: ignore[arg-type]
         # a run of one stage keeps the run directory's own history and picture names
         trainer, checkpoint = build_trainer(stage.cfg, ckpt_dir, history_dir if staged else None,
                                             stage.refresh, bar)

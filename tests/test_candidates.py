@@ -72,17 +72,31 @@ def test_a_staged_run_lists_every_candidate_and_labels_never_choose(shapes_dir, 
     assert [shuffled[k] for k in free] == pytest.approx([metrics[k] for k in free])
 
 
-def test_an_earlier_stages_kmeans_chosen_answers_in_the_report_and_in_answer_ckpt(shapes_dir, tmp_path):
-    overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null", "cluster.choose=silhouette_last"]
-    train(compose_cfg(tmp_path, overrides))
-    stage, name = chosen_of(tmp_path)
-    answer = tmp_path / "checkpoints" / "answer.ckpt"
-    if (stage, name) == ("scan", next(c["name"] for c in json.loads((tmp_path / "candidates.json").read_text())
-                                      ["candidates"] if c["stage"] == "scan" and c["stage_answer"])):
-        assert not answer.exists()  # the last stage's own answer: its last.ckpt is the model
-        return
-    module, _ = model_from_checkpoint(answer)
-    assert (module.answer() or "kmeans") == name
+def test_an_earlier_stages_kmeans_chosen_is_the_model_of_answer_ckpt(shapes_dir, tmp_path):
+    from mtl_unsup.answer import settle_answer
+
+    overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null"]
+    cfg = compose_cfg(tmp_path, overrides)
+    train(cfg)
+    done = {s: {k.split("/", 1)[1]: v for k, v in json.loads((tmp_path / "metrics.json").read_text()).items()
+                if k.startswith(f"{s}/")} for s in ("pretext", "scan")}
+    # the pretext's k-means follows its features; the SCAN head's clusters do not
+    space, truth = blobs()
+    noise = torch.randint(0, 3, (90,), generator=torch.Generator().manual_seed(5))
+    stages = [StageClusterings("pretext", space, [Candidate("pretext", "kmeans", truth, last_answer=True)]),
+              StageClusterings("scan", space, [Candidate("scan", "scan_h0", noise, last_answer=True)])]
+    module, _ = model_from_checkpoint(tmp_path / "checkpoints" / "scan" / "last.ckpt")
+    dirs = {s: tmp_path / "checkpoints" / s for s in ("pretext", "scan")}
+    metrics, path = settle_answer(cfg, stages, done, module, tmp_path, dirs)
+    assert path == tmp_path / "checkpoints" / "answer.ckpt"
+    assert metrics["test/acc"] == done["pretext"]["test/kmeans_acc"]  # the chosen's, from its stage
+    assert module.answer() is None and "k-means of the features of stage pretext" in module.explain_answer()
+    chosen, _ = model_from_checkpoint(path)  # what mtl-predict loads
+    pretext, _ = model_from_checkpoint(dirs["pretext"] / "last.ckpt")
+    assert chosen.answer() is None
+    assert all(torch.equal(a, b) for a, b in zip(chosen.backbone.state_dict().values(),
+                                                 pretext.backbone.state_dict().values(), strict=True))
+    assert torch.equal(chosen.cluster_state.centroids, pretext.cluster_state.centroids)
 
 
 def test_cluster_answer_kmeans_names_kmeans_and_a_one_stage_run_has_candidates(shapes_dir, tmp_path):
