@@ -127,7 +127,7 @@ class ClusterConfig:
     min_size: float = _CLUSTER.min_size
     sinkhorn_epsilon: float = _CLUSTER.sinkhorn_epsilon
     answer: str = "auto"
-    # the criterion that picks the answer among every stage's heads and k-means (candidates.py)
+    # the criterion that picks the answer among every stage's heads and k-means (answer/candidates.py)
     choose: str = "silhouette"
     # k-means with each rank holding only its own rows (ImageNet-sized sets under DDP); the
     # whitening is fitted on pca_sample rows (0: all)
@@ -329,7 +329,7 @@ def max_clusters(cluster: Any) -> int:
     return int(cluster.k_range[1]) if cluster.k == "auto" else int(cluster.k)
 
 
-# How the answer is chosen among the candidates (mtl_unsup/candidates.py), label-free.
+# How the answer is chosen among the candidates (mtl_unsup/answer/candidates.py), label-free.
 CHOOSE_CRITERIA = ("silhouette", "silhouette_last", "consensus", "last")
 
 

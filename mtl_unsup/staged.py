@@ -13,24 +13,26 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from mtl_unsup.answer import keep_stage, load_stage, settle_answer
+from mtl_unsup.answer.choice import keep_stage, load_stage, settle_answer
 from mtl_unsup.atomic import write_text
-from mtl_unsup.budget import run_seconds
 from mtl_unsup.build import Run, build_model, build_trainer, check_selection, fill_input_settings
 from mtl_unsup.config import ConfigValueError
 from mtl_unsup.extensions import finish_loggers
 from mtl_unsup.history import HISTORY
 from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import MultiTaskModule
+from mtl_unsup.planning.budget import run_seconds
+from mtl_unsup.planning.run import TimeLeftBar, plan_run, shows_progress
 from mtl_unsup.results import format_table, write_results, write_run_info
-from mtl_unsup.run_plan import TimeLeftBar, plan_run, shows_progress
 from mtl_unsup.schedule import check_schedule
 from mtl_unsup.stages import (
     Stage,
@@ -195,12 +197,25 @@ def stage_dirs(out_dir: Path, stage: Stage) -> tuple[Path, Path]:
     return out_dir / "checkpoints" / stage.name, out_dir / stage.name
 
 
-def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
-                 extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
-    """Run every stage of the run in order (a run without ``stages`` is one), from ``ckpt_path``
-    (None: from scratch) into ``out_dir`` (both from :func:`~mtl_unsup.training.start_run`),
-    within the plan of :mod:`mtl_unsup.run_plan`; returns the metrics written to ``metrics.json``."""
-    staged = bool(cfg.get("stages"))
+@dataclass
+class Start:
+    """Where a run starts: its stages, data and model (built and checked), the stages done,
+    the first to run and the checkpoint it continues from (``inside``: its own), and the seconds
+    earlier sittings spent (``spent`` on finished stages, ``trained`` inside the first)."""
+
+    plan: list[Stage]
+    datamodule: Any
+    module: MultiTaskModule
+    done: dict[str, dict[str, float]]
+    first: int
+    start_from: Path | None
+    inside: bool
+    spent: float
+    trained: float
+
+
+def prepare(cfg: DictConfig, ckpt_path: str | None, out_dir: Path, staged: bool) -> Start:
+    """Build and check the run's stages, data and model, and find where it starts."""
     unused = drop_unstaged_tasks(cfg)
     if unused:
         rank_zero_info(f"tasks no stage trains, left out: {', '.join(unused)}")
@@ -232,18 +247,28 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         ckpt = load_checkpoint(start_from, key="ckpt_path")
         adopt_checkpoint(str(start_from), True, probe, ckpt)
         trained = trained_seconds(ckpt) if inside else 0.0
+    return Start(plan, datamodule, module, done, first, start_from, inside, spent, trained)
+
+
+def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
+                 extra_callbacks: tuple[L.Callback, ...] = ()) -> dict[str, float]:
+    """Run every stage of the run in order (a run without ``stages`` is one), from ``ckpt_path``
+    (None: from scratch) into ``out_dir`` (both from :func:`~mtl_unsup.training.start_run`),
+    within the plan of :mod:`mtl_unsup.planning.run`; returns the metrics written to
+    ``metrics.json``."""
+    staged = bool(cfg.get("stages"))
+    at = prepare(cfg, ckpt_path, out_dir, staged)
+    plan, datamodule, module, done, inside = at.plan, at.datamodule, at.module, at.done, at.inside
     write_run_info(out_dir)
-    run_plan = plan_run(cfg, plan, first, module, datamodule, out_dir, spent + trained, inside)
+    run_plan = plan_run(cfg, plan, at.first, module, datamodule, out_dir, at.spent + at.trained, inside)
     budget = as_timedelta(cfg.trainer.get("max_time"))
     seconds = budget.total_seconds() if budget is not None else None
-    started = time.monotonic() - spent - trained - (run_seconds() if run_plan is not None else 0.0)
-    last = plan[-1]
+    started = time.monotonic() - at.spent - at.trained - (run_seconds() if run_plan is not None else 0.0)
     run = Run(datamodule, module, None, None)  # type: ignore[arg-type]
-    pca_dim = cfg.cluster.get("pca_dim")
-    kept = {s.name: k for s in plan[:first] if (k := load_stage(s.name, out_dir / s.name)) is not None}
-    for stage in plan[first:]:
+    kept = {s.name: k for s in plan[:at.first] if (k := load_stage(s.name, out_dir / s.name)) is not None}
+    for stage in plan[at.first:]:
         cap_stage_time(stage, started, seconds, cfg.stages[stage.name].get("time_share") if staged else None,
-                       trained if inside else 0.0, planned=run_plan is not None)
+                       at.trained if inside else 0.0, planned=run_plan is not None)
         enter_stage(stage, module, datamodule, cfg.seed, fresh=not inside)
         ckpt_dir, history_dir = stage_dirs(out_dir, stage)
         shown = run_plan is not None and shows_progress(stage.cfg)
@@ -259,8 +284,9 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         keeper = run_plan.stage_started(stage) if run_plan is not None else None
         if keeper is not None:
             trainer.callbacks.append(keeper)
-        done[stage.name] = fit_and_test(run, str(start_from) if inside else None, ckpt_dir / "last.ckpt")
-        clusterings = keep_stage(stage.name, module, history_dir if staged else None, pca_dim)
+        done[stage.name] = fit_and_test(run, str(at.start_from) if inside else None, ckpt_dir / "last.ckpt")
+        clusterings = keep_stage(stage.name, module, history_dir if staged else None,
+                                 cfg.cluster.get("pca_dim"))
         if clusterings is not None:
             kept[stage.name] = clusterings
         inside = False
@@ -268,13 +294,24 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
             write_progress(out_dir, done, time.monotonic() - started)
         if run_plan is not None:
             run_plan.stage_done(stage, trainer.current_epoch)
-        if stage is not last:  # the last stage's loggers still get the final pictures
+        if stage is not plan[-1]:  # the last stage's loggers still get the final pictures
             finish_loggers(trainer)
+    metrics = finish_run(cfg, at, run, kept, out_dir, staged)
+    if run_plan is not None and rank_zero_only.rank == 0:
+        run_plan.finish()
+    return metrics
+
+
+def finish_run(cfg: DictConfig, at: Start, run: Run, kept: dict[str, Any], out_dir: Path,
+               staged: bool) -> dict[str, float]:
+    """Choose the answer among every stage's candidates, write ``metrics.json``, the pictures and
+    the report; returns the metrics."""
+    plan, done, module, last = at.plan, at.done, at.module, at.plan[-1]
     if run.trainer is None:  # every stage was done (killed before metrics.json): write it now
         if (out_dir / "metrics.json").exists():
             raise ConfigValueError(f"Every stage of the run in {out_dir} is done; its results are in "
                                    "metrics.json.")
-        run = Run(datamodule, module, *build_trainer(last.cfg, *stage_dirs(out_dir, last), last.refresh))
+        run = Run(at.datamodule, module, *build_trainer(last.cfg, *stage_dirs(out_dir, last), last.refresh))
     ordered = [kept[s.name] for s in plan if s.name in kept]
     chosen, answer_ckpt = settle_answer(cfg, ordered, done, module, out_dir,
                                         {s.name: stage_dirs(out_dir, s)[0] for s in plan})
@@ -286,7 +323,5 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     write_results(run, last.cfg, out_dir, dict(sorted(metrics.items())),
                   answer_ckpt or ckpt_dir / "last.ckpt", history_dir / HISTORY,
                   stage_table(plan, done) if staged else None)
-    if run_plan is not None and run.trainer.is_global_zero:
-        run_plan.finish()
     finish_loggers(run.trainer)
     return metrics

@@ -9,7 +9,7 @@ optimiser, learning rate, batch size and augmentations. ``stages`` in the config
   ``weak_view``, ``start_epoch`` and ``stop_epoch`` (counted from the stage's first epoch);
   every task named must be in the run's ``task`` list, whose settings hold the rest.
 - ``epochs`` (required) and ``max_time`` (a time cap, ``DD:HH:MM:SS``). The run's own
-  ``trainer.max_time`` is the budget of all the stages together, planned (:mod:`mtl_unsup.budget`:
+  ``trainer.max_time`` is the budget of all the stages together, planned (:mod:`mtl_unsup.planning.budget`:
   each stage's epochs sized to end in time); ``time_share`` caps a stage's part of it.
 - ``images``: the number of training images the stage reads, which sizes it by the training set:
   its epochs are ``images`` over the training images, rounded up, at most ``epochs`` (a

@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
     """Train; return ``optimized_metric`` (label-free by default) for a Hydra sweeper."""
     check_config(cfg)  # before the heavy imports
     check_overrides(cfg)
-    from mtl_unsup.budget import mark_command_start
+    from mtl_unsup.planning.budget import mark_command_start
 
     if not in_sweep():  # a sweep's later jobs share the process: their runs start at train()
         mark_command_start()

@@ -15,7 +15,6 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mtl_unsup.budget import begin_run
 from mtl_unsup.build import (  # noqa: F401 (also found here by mtl_unsup.train)
     Run,
     build_callbacks,
@@ -33,6 +32,7 @@ from mtl_unsup.console import lightning_prints_once
 from mtl_unsup.data.images import DataError
 from mtl_unsup.inference import load_checkpoint
 from mtl_unsup.models.module import NonFiniteLossError
+from mtl_unsup.planning.budget import begin_run
 from mtl_unsup.results import (  # noqa: F401 (also found here by mtl_unsup.train)
     flatten_results,
     format_table,

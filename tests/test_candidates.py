@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mtl_unsup.candidates import Candidate, StageClusterings, choose, score_candidates
+from mtl_unsup.answer.candidates import Candidate, StageClusterings, choose, score_candidates
 from mtl_unsup.config import ConfigValueError, check_config
 from mtl_unsup.inference import model_from_checkpoint
 from mtl_unsup.train import train
@@ -73,7 +73,7 @@ def test_a_staged_run_lists_every_candidate_and_labels_never_choose(shapes_dir, 
 
 
 def test_an_earlier_stages_kmeans_chosen_is_the_model_of_answer_ckpt(shapes_dir, tmp_path):
-    from mtl_unsup.answer import settle_answer
+    from mtl_unsup.answer.choice import settle_answer
 
     overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null"]
     cfg = compose_cfg(tmp_path, overrides)

@@ -79,3 +79,18 @@ def test_a_missing_folder_is_named_before_anything_runs(tmp_path, capsys):
     assert "nowhere: no such folder" in capsys.readouterr().err
     with pytest.raises(InputError, match="--seeds at least 1"):
         suite.parse_args(["--root", str(tmp_path), "--seeds", "0"])
+
+
+def test_a_measured_row_keeps_the_setting_apart_from_the_rows_own_name(data, tmp_path, monkeypatch):
+    from mtl_unsup.benchmarks.peer_runs import Row
+
+    monkeypatch.setattr(suite, "lightly_row", lambda *a, **k: Row("lightly-train SimCLR", 0.4, 0.3, 10.2))
+    monkeypatch.setattr(suite, "ours_row", lambda *a, **k: Row("ours, `protocol=single`", 0.5, 0.4, 9.8))
+    args = suite.parse_args(["--root", str(data), "--out", str(tmp_path / "o"), "--folders", "a"])
+    args.commit = "abc"
+    peer = suite.measure("a", 10.0, suite.PEER, 0, args, tmp_path / "runs")
+    ours = suite.measure("a", 10.0, "protocol=single", 1, args, tmp_path / "runs")
+    assert (peer["method"], peer["name"], peer["budget"], peer["minutes"]) == ("peer", "lightly-train SimCLR",
+                                                                               10.0, 10.2)
+    assert (ours["method"], ours["seed"], ours["minutes"]) == ("protocol=single", 1, 9.8)
+    assert (tmp_path / "runs" / "a" / "10min").is_dir()

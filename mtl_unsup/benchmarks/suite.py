@@ -78,7 +78,7 @@ def measure(folder: str, minutes: float, method: str, seed: int, args: argparse.
     tag = hashlib.sha1(method.encode()).hexdigest()[:8]  # the setting, stable across processes
     name = "peer" if method == PEER else f"ours-{tag}-seed{seed}"
     run_dir = run_root / folder / f"{minutes:g}min" / name
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if method == PEER:
         size = auto_image_size(split.train)
         row: Row = lightly_row(split, run_dir, budget, k, size, seed, args.threads)
@@ -87,8 +87,9 @@ def measure(folder: str, minutes: float, method: str, seed: int, args: argparse.
         row = ours_row(split, method, k, budget, seed, run_dir / "run", args.threads)
         extra = ours_details(run_dir / "run")
     # "minutes": what the run used (the row's); "budget": what it was given
-    return {"folder": folder, "budget": minutes, "method": method, "seed": seed, **asdict(row),
-            "commit": args.commit, **extra}
+    # "method": the setting (or "peer"), "name": the row's own
+    return {**asdict(row), "name": row.method, "folder": folder, "budget": minutes, "method": method,
+            "seed": seed, "commit": args.commit, **extra}
 
 
 def ours_details(run: Path) -> dict:
@@ -141,7 +142,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
             if key in rows and not args.again and rows[key].get("acc") is not None:
                 continue
             print(f"suite: {folder}, {minutes:g} min, {method}, seed {seed}", flush=True)
-            rows[key] = measure(folder, minutes, method, seed, args, run_root)
+            try:
+                rows[key] = measure(folder, minutes, method, seed, args, run_root)
+            except (OSError, ValueError, RuntimeError) as err:  # one broken run does not end the suite
+                rows[key] = {"folder": folder, "budget": minutes, "method": method, "seed": seed,
+                             "acc": None, "notes": f"failed: {type(err).__name__}: {err}"}
             write_text(rows_path, json.dumps(rows, indent=1) + "\n")
             print(f"  ACC {rows[key].get('acc')}, NMI {rows[key].get('nmi')}, {rows[key].get('minutes')} min",
                   flush=True)

@@ -421,7 +421,7 @@ class MultiTaskModule(L.LightningModule):
         if self._kmeans_from_state():
             keys += ("kmeans",)
         out = self.recorders[split].collect(self, keys)  # a collective: every rank enters it
-        if self.trainer.testing and split == "train":  # the answer's candidates (candidates.py)
+        if self.trainer.testing and split == "train":  # the answer's candidates (answer/candidates.py)
             self.train_outputs = out
         scores = None
         if self.trainer.is_global_zero:

@@ -1,4 +1,5 @@
-"""Measure what each stage of a run costs on this machine, before it trains (see :mod:`mtl_unsup.budget`).
+"""Measure what each stage of a run costs on this machine, before it trains (see
+:mod:`mtl_unsup.planning.budget`).
 
 For each stage, a copy of the model trains a few steps of that stage (its tasks, all active, at
 its batch size and views, its targets refreshed once) on a few batches' worth of the training
@@ -24,9 +25,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 
-from mtl_unsup.budget import StageCost
 from mtl_unsup.clustering.callback import PseudoLabelCallback
 from mtl_unsup.inference import eval_mode
+from mtl_unsup.planning.budget import StageCost
 from mtl_unsup.rng import collect_rng_states, set_rng_states
 from mtl_unsup.stages import Stage
 

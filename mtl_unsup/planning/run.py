@@ -1,7 +1,7 @@
 """A run's plan in the run: probe, plan and size the stages before training, keep the plan true
 as stages end, record it in ``plan.json``, and show the time left on the progress bar.
 
-The arithmetic is :mod:`mtl_unsup.budget`, the measuring :mod:`mtl_unsup.probe`.
+The arithmetic is :mod:`mtl_unsup.planning.budget`, the measuring :mod:`mtl_unsup.planning.probe`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from mtl_unsup.budget import (
+from mtl_unsup.data.datamodule import ImageFolderDataModule
+from mtl_unsup.planning.budget import (
     PLAN_FILE,
     Plan,
     StageCost,
@@ -30,7 +31,6 @@ from mtl_unsup.budget import (
     run_seconds,
     write_plan,
 )
-from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.stages import Stage, as_timedelta
 
 # How far a finished stage's speed may move the estimate of the stages after it.
@@ -124,7 +124,9 @@ class RunPlan:
         index = next(i for i, s in enumerate(self.stages) if s.name == stage.name)
         part, cost = self.plan.stages[index], self.costs[index]
         slack = max(0.0, self.plan.budget - self.plan.estimate)  # what the plan kept in hand
-        return KeepToPlan(part, time.monotonic() + part.seconds - cost.end + slack)
+        # a cut is written at once: a stage resumed inside keeps the epochs its scheduler has
+        return KeepToPlan(part, time.monotonic() + part.seconds - cost.end + slack,
+                          lambda: write_plan(self.path, self.plan))
 
     def stage_done(self, stage: Stage, epochs: int) -> None:
         """Record what ``stage`` did and plan the stages after it from the time really left."""
@@ -159,7 +161,7 @@ def plan_run(cfg: DictConfig, stages: list[Stage], first: int, module: Any, data
     them without one), size their epochs, print the plan and write ``plan.json``. ``before``:
     seconds earlier sittings of this run spent; ``resumed_inside``: the first stage continues
     from its own checkpoint and keeps the epochs it was planned with."""
-    from mtl_unsup.probe import probe_costs
+    from mtl_unsup.planning.probe import probe_costs
 
     todo = stages[first:]
     budget = budget_seconds(cfg)
@@ -211,8 +213,8 @@ class KeepToPlan(L.Callback):
     after its warm-up) makes the later epochs dearer than the first. Past half way the plan holds
     (the run's time cap guards the budget): a schedule cut late would end far from its final rate."""
 
-    def __init__(self, part: StagePlan, deadline: float) -> None:
-        self.part, self.deadline = part, deadline
+    def __init__(self, part: StagePlan, deadline: float, on_cut: Any = None) -> None:
+        self.part, self.deadline, self.on_cut = part, deadline, on_cut
         self._second: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -236,6 +238,8 @@ class KeepToPlan(L.Callback):
             if hasattr(config.scheduler, "T_max"):
                 config.scheduler.T_max = epochs
         self.part.epochs = epochs
+        if self.on_cut is not None and trainer.is_global_zero:
+            self.on_cut()
 
 
 class TimeLeftBar(TQDMProgressBar):

@@ -1,5 +1,5 @@
 """The run's answer at its end: every stage's candidates kept, scored without labels, one chosen,
-and the model made that answer (see :mod:`mtl_unsup.candidates` for the criteria).
+and the model made that answer (see :mod:`mtl_unsup.answer.candidates` for the criteria).
 
 Each stage's candidates (its clusters of the training images and its whitened features) are kept
 in ``<stage>/candidates.pt`` as it ends, so a resumed run still chooses among the stages an earlier
@@ -17,8 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from mtl_unsup.atomic import write_with
-from mtl_unsup.candidates import (
+from mtl_unsup.answer.candidates import (
     KMEANS,
     Candidate,
     StageClusterings,
@@ -29,6 +28,7 @@ from mtl_unsup.candidates import (
     stage_clusterings,
     write_candidates,
 )
+from mtl_unsup.atomic import write_with
 from mtl_unsup.inference import load_checkpoint
 
 FILE = "candidates.pt"

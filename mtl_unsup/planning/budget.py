@@ -1,7 +1,7 @@
 """A budget is a plan: each stage's epochs sized so that its schedule runs to its end in time.
 
 Given ``trainer.max_time``, the run measures what each stage costs on this machine
-(:mod:`mtl_unsup.probe`: a training step at the stage's batch size and views, a refresh of its
+(:mod:`mtl_unsup.planning.probe`: a training step at the stage's batch size and views, a refresh of its
 targets, a validation, the clustering and test at its end, the report), then gives every stage as
 many whole epochs as fit its part of the time left, at most the epochs its config asks for. A
 stage's scheduler is sized by its epochs (``T_max: ${trainer.max_epochs}``), so a cosine schedule
