@@ -128,7 +128,7 @@ class ClusterConfig:
     sinkhorn_epsilon: float = _CLUSTER.sinkhorn_epsilon
     answer: str = "auto"
     # the criterion that picks the answer among every stage's heads and k-means (answer/candidates.py)
-    choose: str = "silhouette"
+    choose: str = "last"
     # k-means with each rank holding only its own rows (ImageNet-sized sets under DDP); the
     # whitening is fitted on pca_sample rows (0: all)
     sharded: bool = _CLUSTER.sharded
@@ -336,7 +336,7 @@ CHOOSE_CRITERIA = ("silhouette", "silhouette_last", "consensus", "last")
 def cluster_problems(cluster: Any) -> list[str]:
     """The ``cluster`` group's assignment settings (see ``mtl_unsup.clustering.refresh``) and how
     the answer is chosen."""
-    if cluster.get("choose", "silhouette") not in CHOOSE_CRITERIA:
+    if cluster.get("choose", "last") not in CHOOSE_CRITERIA:
         return [f"cluster.choose={cluster.choose!r}: use one of {', '.join(CHOOSE_CRITERIA)}."]
     try:
         ClusterSettings.from_config(cluster)

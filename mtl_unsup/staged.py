@@ -212,6 +212,7 @@ class Start:
     inside: bool
     spent: float
     trained: float
+    done_epochs: int = 0  # of the stage resumed inside
 
 
 def prepare(cfg: DictConfig, ckpt_path: str | None, out_dir: Path, staged: bool) -> Start:
@@ -240,14 +241,16 @@ def prepare(cfg: DictConfig, ckpt_path: str | None, out_dir: Path, staged: bool)
     inside = start_from is not None and start_from.parent == own_dir
     if not staged and resuming:  # resume=true continues the checkpoint it found, wherever it is
         start_from, inside = Path(ckpt_path), True  # type: ignore[arg-type]
-    trained = 0.0  # stages.json counts finished stages; the one resumed inside, its checkpoint's time
+    # stages.json counts finished stages; the one resumed inside, its checkpoint's time and epochs
+    trained, done_epochs = 0.0, 0
     if ckpt_path and not resuming:
         adopt_checkpoint(ckpt_path, False, probe)
     elif start_from is not None:  # checks that the run's images are these
         ckpt = load_checkpoint(start_from, key="ckpt_path")
         adopt_checkpoint(str(start_from), True, probe, ckpt)
         trained = trained_seconds(ckpt) if inside else 0.0
-    return Start(plan, datamodule, module, done, first, start_from, inside, spent, trained)
+        done_epochs = int(ckpt.get("epoch", 0)) if inside else 0
+    return Start(plan, datamodule, module, done, first, start_from, inside, spent, trained, done_epochs)
 
 
 def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
@@ -260,7 +263,8 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
     at = prepare(cfg, ckpt_path, out_dir, staged)
     plan, datamodule, module, done, inside = at.plan, at.datamodule, at.module, at.done, at.inside
     write_run_info(out_dir)
-    run_plan = plan_run(cfg, plan, at.first, module, datamodule, out_dir, at.spent + at.trained, inside)
+    run_plan = plan_run(cfg, plan, at.first, module, datamodule, out_dir, at.spent + at.trained, inside,
+                        at.done_epochs)
     budget = as_timedelta(cfg.trainer.get("max_time"))
     seconds = budget.total_seconds() if budget is not None else None
     started = time.monotonic() - at.spent - at.trained - (run_seconds() if run_plan is not None else 0.0)
@@ -293,7 +297,8 @@ def train_stages(cfg: DictConfig, ckpt_path: str | None, out_dir: Path,
         if staged:
             write_progress(out_dir, done, time.monotonic() - started)
         if run_plan is not None:
-            run_plan.stage_done(stage, trainer.current_epoch)
+            run_plan.stage_done(stage, trainer.current_epoch, trainer.current_epoch - (
+                at.done_epochs if stage is plan[at.first] and at.inside else 0))
         if stage is not plan[-1]:  # the last stage's loggers still get the final pictures
             finish_loggers(trainer)
     metrics = finish_run(cfg, at, run, kept, out_dir, staged)

@@ -161,10 +161,30 @@ def test_a_stage_slower_than_planned_is_cut_early_and_its_cosine_still_ends_at_i
     assert lrs[-1] < 0.03 and all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     # past half way it holds: a late cut would leave the schedule far from its end
     late = run.KeepToPlan(StagePlan("scan", 4, 4, 40.0, 10.0), deadline=0.0)  # already too late
-    late._second = -100.0
+    late._first, late._second = 0, -100.0
     trainer.current_epoch, trainer.fit_loop.max_epochs = 2, 4  # 3 of its 4 epochs done
     late.on_train_epoch_end(trainer, None)
     assert trainer.fit_loop.max_epochs == 4
     trainer.current_epoch = 1  # half of them done: it may still cut
     late.on_train_epoch_end(trainer, None)
     assert trainer.fit_loop.max_epochs == 2
+
+
+def test_every_stage_gets_its_epoch_before_the_rest_is_shared_so_the_plan_fits():
+    # a long cheap stage and a short dear one: one epoch each first (101 s), then the 49 s left
+    plans = allocate([cost("a", 1.0), cost("b", 100.0)], [500, 1], [None, None], 150.0)
+    assert [p.epochs for p in plans] == [50, 1]
+    assert sum(p.seconds for p in plans) <= 150.0
+
+
+def test_only_a_run_of_one_process_is_planned():
+    from omegaconf import OmegaConf
+
+    from mtl_unsup.planning.run import one_process
+
+    def trainer(devices, nodes=1):
+        return OmegaConf.create({"devices": devices, "num_nodes": nodes, "accelerator": "cpu"})
+
+    assert all(one_process(trainer(d)) for d in (1, "1", "auto", [0]))
+    assert not any(one_process(trainer(d)) for d in (2, "0,1", [0, 1]))
+    assert not one_process(trainer(1, nodes=2))

@@ -52,7 +52,8 @@ def chosen_of(run) -> tuple[str, str]:
 
 
 def test_a_staged_run_lists_every_candidate_and_labels_never_choose(shapes_dir, tmp_path, monkeypatch):
-    overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null", "trainer.deterministic=true"]
+    overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null", "trainer.deterministic=true",
+                 "cluster.choose=silhouette"]
     metrics = train(compose_cfg(tmp_path / "a", overrides))
     data = json.loads((tmp_path / "a" / "candidates.json").read_text())
     keys = [(c["stage"], c["name"]) for c in data["candidates"]]
@@ -75,7 +76,7 @@ def test_a_staged_run_lists_every_candidate_and_labels_never_choose(shapes_dir, 
 def test_an_earlier_stages_kmeans_chosen_is_the_model_of_answer_ckpt(shapes_dir, tmp_path):
     from mtl_unsup.answer.choice import settle_answer
 
-    overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null"]
+    overrides = [*staged_overrides(shapes_dir), "stages.selflabel=null", "cluster.choose=silhouette"]
     cfg = compose_cfg(tmp_path, overrides)
     train(cfg)
     done = {s: {k.split("/", 1)[1]: v for k, v in json.loads((tmp_path / "metrics.json").read_text()).items()

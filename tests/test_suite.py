@@ -94,3 +94,7 @@ def test_a_measured_row_keeps_the_setting_apart_from_the_rows_own_name(data, tmp
                                                                                10.0, 10.2)
     assert (ours["method"], ours["seed"], ours["minutes"]) == ("protocol=single", 1, 9.8)
     assert (tmp_path / "runs" / "a" / "10min").is_dir()
+    suite.measure("a", 10.0, "protocol=single", 1, args, tmp_path / "runs")  # again: a folder of its own
+    assert sorted(p.name for p in (tmp_path / "runs" / "a" / "10min").iterdir() if p.name != "peer") == [
+        "ours-" + __import__("hashlib").sha1(b"protocol=single").hexdigest()[:8] + "-seed1",
+        "ours-" + __import__("hashlib").sha1(b"protocol=single").hexdigest()[:8] + "-seed1-2"]

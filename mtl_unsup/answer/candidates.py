@@ -102,9 +102,9 @@ def choose(candidates: list[Candidate], criterion: str) -> Candidate:
     the later stage, then the head before k-means."""
     if criterion not in CRITERIA:
         raise ValueError(f"cluster.choose={criterion!r}: choose among {', '.join(CRITERIA)}.")
-    if criterion == "last":
-        last = candidates[-1].stage
-        return next(c for c in candidates if c.stage == last and c.last_answer)
+    if criterion == "last":  # the last stage's own answer (its last candidate, k-means, if none is)
+        last = [c for c in candidates if c.stage == candidates[-1].stage]
+        return next((c for c in last if c.last_answer), last[-1])
     stages = list(dict.fromkeys(c.stage for c in candidates))
     return max(candidates, key=lambda c: (c.criteria[criterion], stages.index(c.stage), c.name != KMEANS))
 

@@ -62,7 +62,7 @@ def load_stage(name: str, folder: Path) -> StageClusterings | None:
 
 def criterion_of(cfg: DictConfig) -> str:
     """``cluster.choose``; ``last`` when ``cluster.answer`` names the answer itself."""
-    return str(cfg.cluster.get("choose", "silhouette")) if cfg.cluster.answer == "auto" else "last"
+    return str(cfg.cluster.get("choose", "last")) if cfg.cluster.answer == "auto" else "last"
 
 
 def chosen_metrics(chosen: Candidate, stage_metrics: dict[str, float]) -> dict[str, float]:
@@ -90,8 +90,11 @@ def settle_answer(cfg: DictConfig, clusterings: list[StageClusterings],
         read_scores(c, done.get(c.stage, {}), own)
     if rank_zero_only.rank == 0:
         write_candidates(out_dir / "candidates.json", candidates, chosen, criterion)
-    metrics = {**chosen_metrics(chosen, done[chosen.stage]), **flat_metrics(candidates)}
     last = clusterings[-1].stage
+    if criterion == "last":  # the run's answer as its last stage left it (k-means' scores as its own
+        # when k-means answers); every candidate listed beside it
+        return {**chosen.scores, **done[last], **flat_metrics(candidates)}, None
+    metrics = {**chosen_metrics(chosen, done[chosen.stage]), **flat_metrics(candidates)}
     what = "k-means of the features" if chosen.name == KMEANS else f"the {chosen.name} head"
     where = f" of stage {chosen.stage}" if chosen.stage else ""
     module.chosen_by = (f"The answer is {what}{where}, chosen without labels by {criterion} among "

@@ -187,12 +187,14 @@ def allocate(costs: list[StageCost], asked: list[int], shares: list[float | None
             f"{minutes(sum(c.seconds(1) for c in costs))} for one epoch"
             f"{' each' if len(costs) > 1 else ''} on this machine, and the budget leaves "
             f"{minutes(max(0.0, available))}")
-    wanted = [a * c.epoch for c, a in zip(costs, asked, strict=True)]
-    caps = [math.inf if s is None else s * training for s in shares]
-    seconds = fair_split(wanted, caps, training)
+    # one epoch each first; the rest in proportion to the epochs each still asks for
+    wanted = [(a - 1) * c.epoch for c, a in zip(costs, asked, strict=True)]
+    caps = [math.inf if s is None else max(0.0, s * training - c.epoch)
+            for s, c in zip(shares, costs, strict=True)]
+    seconds = fair_split(wanted, caps, training - least)
     plans = []
     for cost, want, got, share in zip(costs, asked, seconds, shares, strict=True):
-        epochs = max(1, min(want, int(got / cost.epoch) if cost.epoch > 0 else want))
+        epochs = min(want, 1 + (int(got / cost.epoch) if cost.epoch > 0 else want))
         plans.append(StagePlan(cost.name, epochs, want, cost.seconds(epochs), cost.epoch, share))
     return plans
 

@@ -103,18 +103,33 @@ def sample_datamodule(datamodule: Any, images: int) -> Any:
 
 
 @torch.no_grad()
-def pass_seconds(module: L.LightningModule, datamodule: Any) -> float:
-    """Seconds of the eval-mode feature pass per training image (the second batch, after warm-up)."""
+def pass_seconds(module: L.LightningModule, datamodule: Any, trainer: L.Trainer) -> float:
+    """Seconds of the eval-mode feature pass per training image (the second batch, after warm-up),
+    on the device the run trains on and at its precision (``fit`` has moved the model back)."""
+    device = trainer.strategy.root_device
+    module.to(device)
     loader = datamodule.cluster_dataloader()
     times = []
-    with eval_mode(module):
+    with eval_mode(module), trainer.precision_plugin.forward_context():
         for batch in loader:
             start = time.perf_counter()
-            module.features(batch["image"].to(module.device))
+            module.features(batch["image"].to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append((time.perf_counter() - start) / len(batch["index"]))
             if len(times) == 2:
                 break
+    module.cpu()
     return times[-1]
+
+
+def probe_images(stage: Stage, module: L.LightningModule, datamodule: Any) -> int:
+    """How many training images a stage's probe reads: a few batches, and at least a few times
+    the largest k a refresh clusters at (or the neighbours it mines), so its targets can be made."""
+    largest = max([int(module.num_clusters), *(k for *_, k in module.heads.values())])
+    neighbours = max([int(getattr(t, "num_neighbors", 0)) for t in module.tasks.values()] or [0])
+    wanted = max(PROBE_STEPS * int(stage.cfg.data.batch_size), 4 * largest, 4 * (neighbours + 1))
+    return min(datamodule.num_train, wanted)
 
 
 def probe_trainer(cfg: Any, refresh: str, clock: _Clock) -> L.Trainer:
@@ -148,7 +163,7 @@ def probe_stage(stage: Stage, module: L.LightningModule, datamodule: Any) -> Mea
     images, its trainer then saves a checkpoint once."""
     cfg = stage.cfg
     batch = int(cfg.data.batch_size)
-    sub = sample_datamodule(datamodule, PROBE_STEPS * batch)
+    sub = sample_datamodule(datamodule, probe_images(stage, module, datamodule))
     sub.batch_size = batch
     model = copy.deepcopy(module)
     # every task of the stage active from the first step, whatever its start epoch
@@ -162,7 +177,7 @@ def probe_stage(stage: Stage, module: L.LightningModule, datamodule: Any) -> Mea
     clock = _Clock()
     trainer = probe_trainer(cfg, stage.refresh, clock)
     trainer.fit(model, datamodule=sub)
-    per_image = pass_seconds(model, sub)
+    per_image = pass_seconds(model, sub, trainer)
     step = statistics.median(clock.steps) if clock.steps else 0.0
     gap = statistics.median(clock.gaps) if clock.gaps else 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +239,7 @@ def probe_costs(stages: list[Stage], module: L.LightningModule, datamodule: Any,
             for stage in stages:
                 measured = probe_stage(stage, module, datamodule)
                 per_image = measured.per_image
-                images = min(PROBE_STEPS * int(stage.cfg.data.batch_size), datamodule.num_train)
+                images = probe_images(stage, module, datamodule)
                 costs.append(stage_cost(stage, datamodule, module, measured, images))
     finally:
         for q, level in zip(quiet, levels, strict=True):

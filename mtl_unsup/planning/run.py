@@ -15,11 +15,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.planning.budget import (
     PLAN_FILE,
+    BudgetError,
     Plan,
     StageCost,
     StagePlan,
@@ -43,11 +44,26 @@ def no_plan_reason(cfg: DictConfig, datamodule: Any) -> str | None:
     trainer = cfg.trainer
     if trainer.get("fast_dev_run") or cfg.get("max_stage_epochs") is not None:
         return "a debug preset sets the epochs"
-    if int(trainer.get("devices") or 1) != 1 or int(trainer.get("num_nodes") or 1) != 1:
-        return "the probe measures one process, and this run has several"
+    if not one_process(trainer):
+        return "the probe measures one process, and this run may have several"
     if not isinstance(datamodule, ImageFolderDataModule) or datamodule.embeddings is not None:
         return "it trains on rows of features"
     return None
+
+
+def one_process(trainer: DictConfig) -> bool:
+    """Whether the trainer runs one process: one device (``1``, ``[0]``, ``"1"``; ``auto`` where
+    at most one GPU is seen) on one node."""
+    import torch
+
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if str(nodes) != "1":
+        return False
+    text = str(devices).strip()
+    alone = trainer.get("accelerator") == "cpu" or torch.cuda.device_count() <= 1
+    if text == "1" or (text in ("auto", "-1") and alone):
+        return True
+    return isinstance(devices, ListConfig | list | tuple) and len(devices) == 1
 
 
 def machine() -> str:
@@ -128,14 +144,15 @@ class RunPlan:
         return KeepToPlan(part, time.monotonic() + part.seconds - cost.end + slack,
                           lambda: write_plan(self.path, self.plan))
 
-    def stage_done(self, stage: Stage, epochs: int) -> None:
-        """Record what ``stage`` did and plan the stages after it from the time really left."""
+    def stage_done(self, stage: Stage, epochs: int, sitting: int | None = None) -> None:
+        """Record what ``stage`` did (``epochs`` in all, ``sitting`` of them in this process) and
+        plan the stages after it from the time really left."""
         part = self.plan.stage(stage.name)
         part.actual_epochs = epochs
         part.actual_seconds = time.monotonic() - self.started.get(stage.name, time.monotonic())
         index = next(i for i, s in enumerate(self.stages) if s.name == stage.name)
         cost = self.costs[index]
-        expected = cost.seconds(max(1, epochs))
+        expected = cost.seconds(max(1, epochs if sitting is None else sitting))
         speed = min(max(part.actual_seconds / expected, SPEED_RANGE[0]), SPEED_RANGE[1]) if expected else 1.0
         later = index + 1
         if later < len(self.stages) and self.plan.budget is not None:
@@ -156,11 +173,12 @@ class RunPlan:
 
 
 def plan_run(cfg: DictConfig, stages: list[Stage], first: int, module: Any, datamodule: Any,
-             out_dir: Path, before: float, resumed_inside: bool) -> RunPlan | None:
+             out_dir: Path, before: float, resumed_inside: bool, done_epochs: int = 0) -> RunPlan | None:
     """Probe the stages from ``first`` on, plan them within ``trainer.max_time`` (or estimate
     them without one), size their epochs, print the plan and write ``plan.json``. ``before``:
     seconds earlier sittings of this run spent; ``resumed_inside``: the first stage continues
-    from its own checkpoint and keeps the epochs it was planned with."""
+    from its own checkpoint, ``done_epochs`` of it done, and keeps the epochs it was planned with
+    (its scheduler was sized by them); a budget spent by then leaves each later stage one epoch."""
     from mtl_unsup.planning.probe import probe_costs
 
     todo = stages[first:]
@@ -176,19 +194,23 @@ def plan_run(cfg: DictConfig, stages: list[Stage], first: int, module: Any, data
     probe_start = time.monotonic()
     costs, report = probe_costs(todo, module, datamodule, cfg)
     probe = time.monotonic() - probe_start
-    earlier = read_plan(out_dir / PLAN_FILE) if resumed_inside else None
-    if earlier is not None:  # its scheduler was sized by these epochs: they stay
-        epochs = {s["name"]: s["epochs"] for s in earlier["stages"]}
-        if todo[0].name in epochs:
-            with open_dict(todo[0].cfg):
-                todo[0].cfg.trainer.max_epochs = epochs[todo[0].name]
     asked = [int(s.cfg.trainer.max_epochs) for s in todo]
     shares = stage_shares(cfg, todo)
-    if resumed_inside:
-        shares[0] = None
-    plan = make_plan(costs, asked, shares, budget, before + run_seconds(), report, probe)
-    if resumed_inside:
-        plan.stages[0].epochs = asked[0]
+    keep = None
+    if resumed_inside:  # the stage resumed inside keeps its epochs; only what is left of it costs
+        earlier = {s["name"]: s["epochs"] for s in (read_plan(out_dir / PLAN_FILE) or {}).get("stages", [])}
+        keep = int(earlier.get(todo[0].name, asked[0]))
+        asked, shares[0] = [max(1, keep - done_epochs), *asked[1:]], None
+    try:
+        plan = make_plan(costs, asked, shares, budget, before + run_seconds(), report, probe)
+    except BudgetError:
+        if keep is None:
+            raise
+        plan = make_plan(costs, [asked[0], *[1] * (len(asked) - 1)], shares, None, before + run_seconds(),
+                         report, probe)
+        plan.budget = budget
+    if keep is not None:
+        plan.stages[0].epochs, plan.stages[0].asked = keep, int(todo[0].cfg.trainer.max_epochs)
     apply_plan(todo, plan.stages, module)
     rank_zero_only(print)(describe(plan, machine()), flush=True)
     run_plan = RunPlan(plan, costs, shares, 0, todo, module, out_dir, before)
@@ -215,22 +237,29 @@ class KeepToPlan(L.Callback):
 
     def __init__(self, part: StagePlan, deadline: float, on_cut: Any = None) -> None:
         self.part, self.deadline, self.on_cut = part, deadline, on_cut
+        self._first: int | None = None  # this sitting's first epoch (a resumed stage's is not 0)
         self._second: float | None = None
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self._second is None and trainer.current_epoch >= 1:
+        if self._first is None:
+            self._first = trainer.current_epoch
+        elif self._second is None:
             self._second = time.monotonic()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         epoch, now = trainer.current_epoch, time.monotonic()
-        if self._second is None or epoch < 1:
+        if self._second is None or self._first is None or epoch <= self._first:
             return
-        rate = (now - self._second) / epoch  # epochs 1 .. epoch, whole
+        rate = (now - self._second) / (epoch - self._first)  # the sitting's epochs after its first
         planned = int(trainer.fit_loop.max_epochs)
         if 2 * (epoch + 1) > planned:
             return
         fits = epoch + 1 + max(0, int((self.deadline - now) / rate)) if rate > 0 else planned
-        epochs = max(epoch + 1, min(planned, fits))
+        # never below the latest task start (and a second epoch of it): each task trains
+        starts = [module.tasks[n].start_epoch for n in module.tasks if module.task_weight(n) > 0] \
+            if module is not None else []
+        floor = max(starts, default=0) + 2 if any(starts) else 1
+        epochs = max(epoch + 1, min(planned, max(fits, floor)))
         if planned - epochs < max(1, 0.05 * planned):
             return
         trainer.fit_loop.max_epochs = epochs
