@@ -3,11 +3,13 @@ split, the row, the budget, and the child process a trained method runs in (same
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +95,18 @@ def auto_image_size(folder: Path) -> int:
     with Image.open(first) as im:
         side = max(im.size)
     return side if side <= 64 else 224
+
+
+def run_command(run: Callable[[argparse.Namespace, list[str]], Path],
+                parse_args: Callable[[list[str]], argparse.Namespace], argv: Sequence[str] | None) -> Path:
+    """A benchmark's command line: its report's path, or a mistake in what was asked told in one
+    line with exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(parse_args(args), args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def budget_seconds(minutes: float) -> int:

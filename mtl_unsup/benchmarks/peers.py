@@ -73,6 +73,7 @@ from mtl_unsup.benchmarks.peer_runs import (
     budget_seconds,
     child_timeout,
     find_split,
+    run_command,
     run_logged,
     set_threads,
 )
@@ -347,12 +348,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        path = run(parse_args(argv), argv)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    path = run_command(run, parse_args, argv)
     print(path.read_text())
     print(f"written: {path}")
 

@@ -28,7 +28,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -41,6 +40,7 @@ from mtl_unsup.benchmarks.peer_runs import (
     auto_image_size,
     budget_seconds,
     find_split,
+    run_command,
     set_threads,
 )
 from mtl_unsup.benchmarks.peers import DEFAULT_OURS, git_commit, ours_row
@@ -162,13 +162,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        path = run(parse_args(argv), argv)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"written: {path}")
+    print(f"written: {run_command(run, parse_args, argv)}")
 
 
 if __name__ == "__main__":
