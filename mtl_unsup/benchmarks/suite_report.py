@@ -119,6 +119,8 @@ def draw(rows: list[dict], path: Path) -> None:
     folders = sorted({f for f, _ in table})
     if not folders:
         return
+    methods = sorted({m for cell in table.values() for m in cell}, key=lambda m: (m != PEER, m))
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     fig, axes = plt.subplots(1, len(folders), figsize=(4.2 * len(folders), 3.4), squeeze=False)
     for ax, folder in zip(axes[0], folders, strict=True):
         series: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
@@ -134,12 +136,12 @@ def draw(rows: list[dict], path: Path) -> None:
             xs, ys, sds = zip(*sorted(points), strict=True)
             label = PEER_NAME if method == PEER else f"ours: {method}"
             ax.errorbar(xs, ys, yerr=sds, marker="o" if method != PEER else "s", capsize=3, label=label,
-                        linestyle="--" if method == PEER else "-")
+                        linestyle="--" if method == PEER else "-", color=colours[method])
         ax.set_title(folder)
         ax.set_xlabel("minutes (wall, 2 cores)")
         ax.set_ylabel("held-out ACC")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
