@@ -199,10 +199,30 @@ def allocate(costs: list[StageCost], asked: list[int], shares: list[float | None
     return plans
 
 
+def allocate_at_least(costs: list[StageCost], asked: list[int], shares: list[float | None],
+                      available: float | None, keep_first: bool = False) -> list[StagePlan]:
+    """:func:`allocate`, or where ``available`` holds less than one epoch of each stage (a run
+    already under way), each stage a single epoch; ``keep_first``: the first keeps its epochs
+    asked (a stage resumed inside, whose schedule was sized by them)."""
+    try:
+        return allocate(costs, asked, shares, available)
+    except BudgetError:
+        least = [asked[0] if keep_first else 1, *[1] * (len(asked) - 1)]
+        stages = allocate(costs, least, shares, None)
+        for s, want in zip(stages, asked, strict=True):
+            s.asked = want
+        return stages
+
+
 def make_plan(costs: list[StageCost], asked: list[int], shares: list[float | None],
-              budget: float | None, spent: float, report: float, probe_seconds: float = 0.0) -> Plan:
-    """The run's plan, ``spent`` seconds into a command whose budget is ``budget`` seconds."""
+              budget: float | None, spent: float, report: float, probe_seconds: float = 0.0,
+              at_least: bool = False) -> Plan:
+    """The run's plan, ``spent`` seconds into a command whose budget is ``budget`` seconds;
+    ``at_least``: a run under way, which never stops for want of time (:func:`allocate_at_least`)."""
     available = None if budget is None else (budget - spent - report) * FILL
+    if at_least:
+        stages = allocate_at_least(costs, asked, shares, available, keep_first=True)
+        return Plan(budget, spent, report, stages, probe_seconds)
     try:
         stages = allocate(costs, asked, shares, available)
     except BudgetError as err:
@@ -223,12 +243,7 @@ def replan(plan: Plan, costs: list[StageCost], shares: list[float | None], first
     rest = [c.scaled(speed) for c in costs[first:]]
     asked = [s.asked for s in plan.stages[first:]]
     available = (plan.budget - elapsed - plan.report * speed) * FILL
-    try:
-        stages = allocate(rest, asked, shares[first:], available)
-    except BudgetError:
-        stages = allocate(rest, [1] * len(rest), shares[first:], None)
-        for s, want in zip(stages, asked, strict=True):
-            s.asked = want
+    stages = allocate_at_least(rest, asked, shares[first:], available)
     plan.replans.append({"before": plan.stages[first].name, "elapsed": round(elapsed, 1),
                          "speed": round(speed, 3), "epochs": [s.epochs for s in stages]})
     plan.stages[first:] = stages

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, ListConfig, open_dict
 from mtl_unsup.data.datamodule import ImageFolderDataModule
 from mtl_unsup.planning.budget import (
     PLAN_FILE,
-    BudgetError,
     Plan,
     StageCost,
     StagePlan,
@@ -111,9 +110,9 @@ def apply_plan(stages: list[Stage], parts: list[StagePlan], module: Any) -> None
 class RunPlan:
     """The plan of one run as it goes: made before the first stage trains, re-made after each."""
 
-    def __init__(self, plan: Plan, costs: list[StageCost], shares: list[float | None], first: int,
+    def __init__(self, plan: Plan, costs: list[StageCost], shares: list[float | None],
                  stages: list[Stage], module: Any, out_dir: Path, before: float) -> None:
-        self.plan, self.costs, self.shares, self.first = plan, costs, shares, first
+        self.plan, self.costs, self.shares = plan, costs, shares
         self.stages, self.module, self.path, self.before = stages, module, out_dir / PLAN_FILE, before
         self.started: dict[str, float] = {}
 
@@ -201,19 +200,14 @@ def plan_run(cfg: DictConfig, stages: list[Stage], first: int, module: Any, data
         earlier = {s["name"]: s["epochs"] for s in (read_plan(out_dir / PLAN_FILE) or {}).get("stages", [])}
         keep = int(earlier.get(todo[0].name, asked[0]))
         asked, shares[0] = [max(1, keep - done_epochs), *asked[1:]], None
-    try:
-        plan = make_plan(costs, asked, shares, budget, before + run_seconds(), report, probe)
-    except BudgetError:
-        if keep is None:
-            raise
-        plan = make_plan(costs, [asked[0], *[1] * (len(asked) - 1)], shares, None, before + run_seconds(),
-                         report, probe)
-        plan.budget = budget
+    # a resumed run whose budget is spent still ends its stage, then gives each later one an epoch
+    plan = make_plan(costs, asked, shares, budget, before + run_seconds(), report, probe,
+                     at_least=keep is not None)
     if keep is not None:
         plan.stages[0].epochs, plan.stages[0].asked = keep, int(todo[0].cfg.trainer.max_epochs)
     apply_plan(todo, plan.stages, module)
     rank_zero_only(print)(describe(plan, machine()), flush=True)
-    run_plan = RunPlan(plan, costs, shares, 0, todo, module, out_dir, before)
+    run_plan = RunPlan(plan, costs, shares, todo, module, out_dir, before)
     write_plan(run_plan.path, plan)
     return run_plan
 
