@@ -123,7 +123,7 @@ class MultiTaskModule(L.LightningModule):
         self.feature_bank = (FeatureBank(feature_bank, backbone.feature_dim)
                              if feature_bank and not self.features_fixed else None)
         # the training images' outputs of the last test pass (the answer's candidates) and, once
-        # the answer is chosen among them, the sentence that says how (mtl_unsup/answer.py)
+        # the answer is chosen among them, the sentence that says how (answer/choice.py)
         self.train_outputs: dict[str, torch.Tensor] | None = None
         self.chosen_by: str | None = None
         # A checkpoint whose clustering belongs to other images (``ckpt_path=`` on a new folder):
